@@ -1,0 +1,3 @@
+from reloader.app import main
+
+main()

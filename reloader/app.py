@@ -1,0 +1,294 @@
+"""Wiring and lifecycle: the only place that constructs things.
+
+Read top-down, as the process runs::
+
+    main → settings (exit 2 if invalid) → logging → connect → digest key
+         → informers → index → queue → restarter → HTTP port
+         → run: informers list+watch; once all are synced, workers start
+         → SIGTERM/SIGINT set a stop event
+         → shutdown: queue drains (in-flight patches finish), informers stop, port closes.
+
+Workers start only after every informer has completed its initial list: deciding with half a cache
+would see configs as missing. Any task that dies with an exception takes the process down (the
+TaskGroup cancels its siblings), so Kubernetes restarts a broken controller instead of leaving a
+zombie that answers probes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from functools import partial
+
+from reloader import logs
+from reloader.digests import DigestKey
+from reloader.http import build_app, serve
+from reloader.index import ReferenceIndex
+from reloader.kube import Api, ApiConflict, ApiError, ApiNotFound, connect
+from reloader.metrics import Metrics, Sources
+from reloader.model import CONFIG_KINDS, CONFIG_RESOURCES, KINDS, SECRETS, ConfigKind, WorkloadKey
+from reloader.queue import TokenBucket, WorkQueue
+from reloader.restart import Restarter, RestartPolicy, run_worker
+from reloader.settings import Settings, load_settings_or_exit
+from reloader.snapshots import (
+    ConfigSnapshot,
+    SnapshotContext,
+    WorkloadSnapshot,
+    config_snapshot,
+    workload_snapshot,
+)
+from reloader.watch import Backoff, Informer
+
+log = logging.getLogger("reloader")
+HASH_KEY_FIELD = "key"
+
+
+async def load_digest_key(api: Api, settings: Settings) -> DigestKey:
+    """The digest key: from the setting, else from (or into) a Secret in our own namespace.
+
+    Creating it when missing means a fresh install needs no manual step; a second replica racing to
+    create it gets 409 and reads the winner's key, so all replicas agree.
+    """
+    if settings.hash_key is not None:
+        return DigestKey.from_secret(settings.hash_key.get_secret_value().encode())
+    namespace, name = settings.controller_namespace, settings.hash_key_secret
+    path = SECRETS.object_path(namespace, name)
+    backoff = Backoff()
+    while True:
+        try:
+            return await _read_or_create_key(api, path, namespace, name)
+        except ApiError as error:
+            delay = backoff.next_delay()
+            log.warning(
+                "cannot read the digest key secret; retrying",
+                extra={
+                    "namespace": namespace,
+                    "name": name,
+                    "error": str(error),
+                    "retry_in": round(delay, 2),
+                },
+            )
+            await asyncio.sleep(delay)
+
+
+async def _read_or_create_key(api: Api, path: str, namespace: str, name: str) -> DigestKey:
+    try:
+        secret = await api.get(path)
+    except ApiNotFound:
+        encoded = base64.b64encode(DigestKey.generate_secret()).decode()
+        body = {
+            "metadata": {
+                "name": name,
+                "namespace": namespace,
+                "labels": {"app.kubernetes.io/name": "reloader"},
+            },
+            "type": "Opaque",
+            "data": {HASH_KEY_FIELD: encoded},
+        }
+        try:
+            await api.create(SECRETS.collection_path(namespace), body)
+            log.info("created the digest key secret", extra={"namespace": namespace, "name": name})
+        except ApiConflict:
+            pass
+        secret = await api.get(path)
+    encoded_key = (secret.get("data") or {}).get(HASH_KEY_FIELD)
+    if not encoded_key:
+        raise ApiError(
+            0, "InvalidKeySecret", f"secret {namespace}/{name} has no '{HASH_KEY_FIELD}'"
+        )
+    return DigestKey.from_secret(base64.b64decode(encoded_key))
+
+
+class Controller:
+    """Informers → index → queue → workers, for one API connection."""
+
+    def __init__(
+        self, *, settings: Settings, api: Api, digest_key: DigestKey, metrics: Metrics | None = None
+    ) -> None:
+        self.settings = settings
+        self.api = api
+        self.digest_key = digest_key
+        self.metrics = metrics or Metrics()
+        self.index = ReferenceIndex()
+        self.queue: WorkQueue[WorkloadKey] = WorkQueue(
+            on_dequeue=self.metrics.queue_latency.observe
+        )
+        self._changed_since: dict[WorkloadKey, float] = {}
+        context = SnapshotContext(
+            digest_key=digest_key,
+            names=settings.annotation_names(),
+            auto_reload_all=settings.auto_reload_all,
+        )
+        self.configs = {kind: self._config_informer(kind, context) for kind in CONFIG_KINDS}
+        self.workloads = {
+            name: Informer[WorkloadSnapshot](
+                api=api,
+                resource=kind.resource,
+                transform=partial(workload_snapshot, kind, context=context),
+                namespaces=settings.namespaces or None,
+                namespace_filter=self._namespace_allowed,
+                stall_timeout=settings.stall_timeout_seconds,
+            )
+            for name, kind in KINDS.items()
+        }
+        for informer in self.workloads.values():
+            informer.subscribe(self._on_workload)
+        self.restarter = Restarter(
+            api=api,
+            workloads=self.workloads,
+            configs=self.configs,
+            digest_key=digest_key,
+            policy=RestartPolicy(
+                reload_on_create=settings.reload_on_create,
+                reload_on_delete=settings.reload_on_delete,
+                min_interval=settings.min_restart_interval_seconds,
+            ),
+            restart_budget=TokenBucket(
+                rate=settings.restart_rate_per_second, burst=settings.restart_burst
+            ),
+            metrics=self.metrics,
+            changed_since=self._changed_since.get,
+        )
+        self.metrics.attach(
+            Sources(
+                informers=lambda: [i.statistics() for i in self.informers],
+                queue_depth=self._queue_depth,
+                api=api.statistics,
+            )
+        )
+
+    def _config_informer(
+        self, kind: ConfigKind, context: SnapshotContext
+    ) -> Informer[ConfigSnapshot]:
+        informer = Informer[ConfigSnapshot](
+            api=self.api,
+            resource=CONFIG_RESOURCES[kind],
+            transform=partial(config_snapshot, kind, context=context),
+            namespaces=self.settings.namespaces or None,
+            namespace_filter=self._namespace_allowed,
+            stall_timeout=self.settings.stall_timeout_seconds,
+        )
+        informer.subscribe(self._on_config)
+        return informer
+
+    @property
+    def informers(self) -> list[Informer[ConfigSnapshot] | Informer[WorkloadSnapshot]]:
+        return [*self.configs.values(), *self.workloads.values()]
+
+    def _namespace_allowed(self, namespace: str) -> bool:
+        return namespace not in self.settings.namespaces_to_ignore
+
+    def _queue_depth(self) -> tuple[int, int, int]:
+        stats = self.queue.statistics()
+        return stats.depth, stats.waiting, stats.processing
+
+    # --- event handlers: update the index, enqueue what it returns; never act -------------------
+
+    def _on_config(self, old: ConfigSnapshot | None, new: ConfigSnapshot | None) -> None:
+        kind = (new or old).key.kind if (new or old) else "?"
+        self.metrics.events_received.labels(resource_type=kind).inc()
+        self._enqueue(self.index.config_changed(old, new))
+
+    def _on_workload(self, old: WorkloadSnapshot | None, new: WorkloadSnapshot | None) -> None:
+        self._enqueue(self.index.workload_changed(old, new))
+
+    def _enqueue(self, keys: frozenset[WorkloadKey]) -> None:
+        now = time.monotonic()
+        for key in keys:
+            self._changed_since.setdefault(key, now)
+            self.queue.add(key, delay=self.settings.debounce_seconds)
+
+    def _settled(self, key: WorkloadKey) -> None:
+        self._changed_since.pop(key, None)
+
+    # --- probes --------------------------------------------------------------------------------
+
+    def ready(self) -> tuple[bool, str]:
+        waiting = [i.resource.plural for i in self.informers if not i.synced]
+        return (not waiting, "ok" if not waiting else "waiting for " + ", ".join(waiting))
+
+    def healthy(self) -> tuple[bool, str]:
+        return (self._running, "ok" if self._running else "not running")
+
+    _running = False
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Run until ``stop`` is set, then shut down in order."""
+        self._running = True
+        try:
+            async with asyncio.TaskGroup() as group:
+                watches = [group.create_task(i.run()) for i in self.informers]
+                workers = group.create_task(self._work_when_synced())
+                await stop.wait()
+                log.info("stopping: finishing in-flight work")
+                await self.queue.shutdown(drain=True)
+                await workers
+                for task in watches:
+                    task.cancel()
+        finally:
+            self._running = False
+
+    async def wait_synced(self) -> None:
+        for informer in self.informers:
+            await informer.wait_synced()
+
+    async def _work_when_synced(self) -> None:
+        await self.wait_synced()
+        log.info("caches synced; starting workers", extra={"workers": self.settings.workers})
+        async with asyncio.TaskGroup() as group:
+            for _ in range(self.settings.workers):
+                group.create_task(
+                    run_worker(
+                        queue=self.queue,
+                        restarter=self.restarter,
+                        metrics=self.metrics,
+                        settled=self._settled,
+                    )
+                )
+
+
+async def run(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signum, stop.set)
+    api = await connect(kubeconfig=settings.kubeconfig)
+    try:
+        digest_key = await load_digest_key(api, settings)
+        controller = Controller(settings=settings, api=api, digest_key=digest_key)
+        app = build_app(
+            registry=controller.metrics.registry, healthy=controller.healthy, ready=controller.ready
+        )
+        runner = await serve(app, host=settings.metrics_address, port=settings.metrics_port)
+        log.info(
+            "reloader started",
+            extra={
+                "server": api.server,
+                "port": settings.metrics_port,
+                "namespaces": ",".join(settings.namespaces) or "*",
+                "digest_key_id": digest_key.key_id,
+            },
+        )
+        try:
+            await controller.run(stop)
+        finally:
+            await runner.cleanup()
+    finally:
+        await api.close()
+    log.info("reloader stopped")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    settings = load_settings_or_exit(sys.argv[1:] if argv is None else argv)
+    logs.configure(level=settings.log_level, fmt=settings.log_format)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run(settings))

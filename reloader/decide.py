@@ -1,0 +1,164 @@
+"""The level-triggered heart: what a workload's pods should run vs what they were started with.
+
+Two pure steps:
+
+1. ``dependencies`` — which configs this workload depends on *now*, given its policy and the configs
+   in its namespace, with the digest of what it reads from each (``None`` when the config is
+   missing).
+2. ``decide`` — compare those digests with the ones recorded on the workload:
+
+   - no record yet (first sight, or opt-in just now) → record only: no restart on opt-in and no
+     mass restart when the controller starts for the first time;
+   - a record made under another digest key → re-record only (key rotation is not a change);
+   - a recorded digest differs from the current one → restart, naming the configs that changed;
+   - a config that appeared since the record → restart only with reload-on-create, else record;
+   - a recorded config that is now missing → restart only with reload-on-delete (then forgotten);
+     otherwise its entry is kept, so the config coming back with other content restarts, and with
+     the same content does not;
+   - entries for configs no longer depended on are dropped (record only);
+   - otherwise nothing.
+
+Because the inputs are state, not events, replaying any of this (a controller restart, a relist, a
+retry) never restarts twice for one change: after the restart the record equals the desired state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+from reloader.digests import DigestKey, Recorded, reference_digest
+from reloader.model import CONFIG_KINDS, ConfigKind
+from reloader.snapshots import ConfigSnapshot, WorkloadSnapshot
+
+
+def config_id(kind: ConfigKind, name: str) -> str:
+    """How a config is named inside a workload's record (the namespace is the workload's)."""
+    return f"{kind}/{name}"
+
+
+@dataclass(frozen=True, slots=True)
+class Dependency:
+    kind: ConfigKind
+    name: str
+    digest: str | None
+    containers: frozenset[str]
+
+    @property
+    def id(self) -> str:
+        return config_id(self.kind, self.name)
+
+
+def _referenced(
+    workload: WorkloadSnapshot,
+    configs: Mapping[ConfigKind, Mapping[str, ConfigSnapshot]],
+    key: DigestKey,
+) -> dict[str, Dependency]:
+    found: dict[str, Dependency] = {}
+    for ref in workload.references:
+        snapshot = configs[ref.kind].get(ref.name)
+        if snapshot is not None and snapshot.ignore:
+            continue
+        match = snapshot.match if snapshot is not None else False
+        if not workload.policy.wants(ref.kind, ref.name, referenced=True, match=match):
+            continue
+        digest = reference_digest(snapshot.digests, ref.keys, key=key) if snapshot else None
+        found[config_id(ref.kind, ref.name)] = Dependency(
+            ref.kind, ref.name, digest, ref.containers
+        )
+    return found
+
+
+def _named(
+    workload: WorkloadSnapshot,
+    configs: Mapping[ConfigKind, Mapping[str, ConfigSnapshot]],
+    key: DigestKey,
+    already: Mapping[str, Dependency],
+) -> dict[str, Dependency]:
+    """Configs listed in ``…/reload`` but not referenced by the pod spec (Stakater allows this)."""
+    policy, found = workload.policy, {}
+    first = frozenset({workload.first_container}) if workload.first_container else frozenset()
+    for kind in CONFIG_KINDS:
+        candidates = set(policy.exact_names(kind))
+        if policy.has_regex(kind):
+            candidates.update(configs[kind])
+        for name in candidates:
+            ident = config_id(kind, name)
+            if ident in already or not policy.wants(kind, name, referenced=False, match=False):
+                continue
+            snapshot = configs[kind].get(name)
+            if snapshot is not None and snapshot.ignore:
+                continue
+            digest = reference_digest(snapshot.digests, None, key=key) if snapshot else None
+            found[ident] = Dependency(kind, name, digest, first)
+    return found
+
+
+def dependencies(
+    workload: WorkloadSnapshot,
+    configs: Mapping[ConfigKind, Mapping[str, ConfigSnapshot]],
+    *,
+    key: DigestKey,
+) -> dict[str, Dependency]:
+    """Config id → dependency, for the configs of the workload's namespace given in ``configs``."""
+    if not workload.policy.opted_in:
+        return {}
+    found = _referenced(workload, configs, key)
+    found.update(_named(workload, configs, key, found))
+    return found
+
+
+Action = Literal["restart", "record", "nothing"]
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    action: Action
+    record: Recorded | None
+    triggers: tuple[str, ...]
+    reason: str
+
+
+def _next_record(
+    recorded: Mapping[str, str], deps: Mapping[str, Dependency], *, reload_on_delete: bool
+) -> dict[str, str]:
+    record = {ident: dep.digest for ident, dep in deps.items() if dep.digest is not None}
+    if not reload_on_delete:
+        missing = (ident for ident, dep in deps.items() if dep.digest is None)
+        record.update({ident: recorded[ident] for ident in missing if ident in recorded})
+    return record
+
+
+def decide(
+    *,
+    recorded: Recorded | None,
+    deps: Mapping[str, Dependency],
+    key_id: str,
+    reload_on_create: bool,
+    reload_on_delete: bool,
+) -> Decision:
+    """Compare desired and recorded digests; see the module docstring for the table."""
+    if recorded is None:
+        if not deps:
+            return Decision("nothing", None, (), "no configs to watch")
+        record = _next_record({}, deps, reload_on_delete=reload_on_delete)
+        return Decision("record", Recorded.of(key_id, record), (), "first sight")
+    if recorded.key_id != key_id:
+        record = _next_record({}, deps, reload_on_delete=reload_on_delete)
+        return Decision("record", Recorded.of(key_id, record), (), "digest key changed")
+    before = recorded.as_dict()
+    changed = [
+        i for i, d in deps.items() if d.digest is not None and before.get(i, d.digest) != d.digest
+    ]
+    created = [i for i, d in deps.items() if d.digest is not None and i not in before]
+    deleted = [i for i, d in deps.items() if d.digest is None and i in before]
+    triggers = (
+        changed + (created if reload_on_create else []) + (deleted if reload_on_delete else [])
+    )
+    record = Recorded.of(key_id, _next_record(before, deps, reload_on_delete=reload_on_delete))
+    if triggers:
+        return Decision("restart", record, tuple(sorted(triggers)), "config changed")
+    if record != recorded:
+        return Decision("record", record, (), "dependencies changed")
+    return Decision("nothing", None, (), "up to date")

@@ -1,0 +1,128 @@
+"""Keyed digests of config content, and the record of them kept on each workload.
+
+Why keyed: the digests are written into workload annotations, which many more people can read than
+can read Secrets. A plain hash of a low-entropy secret (a 6-digit PIN, a short password) can be
+brute-forced offline from the annotation; an HMAC under a key the reader does not have cannot.
+Stakater writes a plain SHA-1, so this is a deliberate difference.
+
+Guarantees:
+- A config is reduced to one 16-byte HMAC per data key as soon as it is read; the values are never
+  kept, so the cache holds nothing a Secret reader could not already compute without the key.
+- A reference digest covers only the keys the workload reads (all keys for ``envFrom`` or a whole
+  volume), framed without ambiguity (length-prefixed), so editing an unused key restarts nothing.
+- Every record names the key it was made with (``key_id``); a record made under another key is not
+  comparable and is re-recorded without a restart (see ``docs/configuration.md``, key rotation).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import orjson
+
+PER_KEY_DIGEST_BYTES = 16
+KeyDigests = tuple[tuple[str, bytes], ...]
+"""Per-data-key digests of one config, sorted by key: compact and hashable."""
+
+_ABSENT = b"\x00absent"
+
+
+@dataclass(frozen=True, slots=True)
+class DigestKey:
+    """The HMAC key and its public identifier (itself an HMAC, so it reveals nothing)."""
+
+    key_id: str
+    secret: bytes
+
+    @classmethod
+    def from_secret(cls, secret: bytes) -> DigestKey:
+        if len(secret) < 16:
+            raise ValueError("the digest key must be at least 16 bytes")
+        key_id = hmac.new(secret, b"reloader digest key id", hashlib.sha256).hexdigest()[:12]
+        return cls(key_id=key_id, secret=secret)
+
+    @staticmethod
+    def generate_secret() -> bytes:
+        return secrets.token_bytes(32)
+
+    def __repr__(self) -> str:
+        return f"DigestKey(key_id={self.key_id!r})"
+
+
+def _framed(*parts: bytes) -> bytes:
+    return b"".join(len(part).to_bytes(4, "big") + part for part in parts)
+
+
+def key_digests(
+    data: Mapping[str, str] | None, binary_data: Mapping[str, str] | None, *, key: DigestKey
+) -> KeyDigests:
+    """One HMAC per data key of a ConfigMap or Secret; ``data`` and ``binaryData`` both count."""
+    entries: list[tuple[str, bytes]] = []
+    for source, tag in ((data, b"d"), (binary_data, b"b")):
+        for name, value in (source or {}).items():
+            mac = hmac.new(key.secret, _framed(tag, name.encode(), value.encode()), hashlib.sha256)
+            entries.append((name, mac.digest()[:PER_KEY_DIGEST_BYTES]))
+    entries.sort()
+    return tuple(entries)
+
+
+def reference_digest(digests: KeyDigests, keys: frozenset[str] | None, *, key: DigestKey) -> str:
+    """The digest of what one workload reads from one config, as 32 hex characters.
+
+    A key the workload names but the config lacks counts as absent, so adding it later changes
+    the digest (the pod would see the new key after a restart).
+    """
+    present = dict(digests)
+    names = sorted(present) if keys is None else sorted(keys)
+    mac = hmac.new(key.secret, b"reloader reference", hashlib.sha256)
+    mac.update(b"all" if keys is None else b"some")
+    for name in names:
+        mac.update(_framed(name.encode(), present.get(name, _ABSENT)))
+    return mac.hexdigest()[:32]
+
+
+@dataclass(frozen=True, slots=True)
+class Recorded:
+    """The digests recorded on a workload: what its running pods were started with.
+
+    ``configs`` maps a config id (``ConfigMap/name`` or ``Secret/name``; the namespace is the
+    workload's own) to its reference digest.
+    """
+
+    key_id: str
+    configs: tuple[tuple[str, str], ...]
+
+    def as_dict(self) -> dict[str, str]:
+        return dict(self.configs)
+
+    @classmethod
+    def of(cls, key_id: str, configs: Mapping[str, str]) -> Recorded:
+        return cls(key_id=key_id, configs=tuple(sorted(configs.items())))
+
+
+def encode_record(record: Recorded) -> str:
+    """The annotation value; stable (sorted) so an unchanged record is never rewritten."""
+    body = {"keyId": record.key_id, "configs": dict(record.configs)}
+    return orjson.dumps(body, option=orjson.OPT_SORT_KEYS).decode()
+
+
+def decode_record(value: str | None) -> Recorded | None:
+    """Parse the annotation; anything malformed reads as no record (the workload is re-recorded)."""
+    if not value:
+        return None
+    try:
+        body = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(body, dict):
+        return None
+    key_id, configs = body.get("keyId"), body.get("configs")
+    if not isinstance(key_id, str) or not isinstance(configs, dict):
+        return None
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in configs.items()):
+        return None
+    return Recorded.of(key_id, configs)

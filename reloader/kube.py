@@ -1,0 +1,259 @@
+"""The only module that talks HTTP to the API server.
+
+kubernetes_asyncio provides configuration (in-cluster, kubeconfig, token refresh) and the aiohttp
+session; requests are issued raw and bodies decoded with orjson, because building the generated
+model objects for every watched object is the slowest part of that client and the controller
+needs plain dicts anyway.
+
+Every failed request is classified once, here, into this tree (``__cause__`` keeps the original)::
+
+    ApiError                  status, reason, message from the Status body
+    ├── ApiGone               410: resourceVersion too old; the informer relists
+    ├── ApiConflict           409: object changed since read; retried through the queue
+    ├── ApiTooManyRequests    429: throttled; retried with backoff
+    ├── ApiForbidden          403: RBAC; reported, retried slowly
+    ├── ApiNotFound           404: object gone; absorbed by callers
+    ├── ApiInvalid            422/400: our request is wrong; not retried
+    ├── ApiServerError        5xx: retried
+    └── ApiUnavailable        no HTTP answer (connection refused, reset, timeout); retried
+
+Error messages come from the server's Status ``message``; Secret values never reach a request or a
+response this module handles as text (Secrets are only read through watch/list bodies, which are
+decoded straight into dicts and handed to the transform).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, cast
+
+import aiohttp
+import orjson
+from kubernetes_asyncio import client, config
+from kubernetes_asyncio.config.config_exception import ConfigException
+
+from reloader.model import FIELD_MANAGER, RawObject, RawWatchEvent
+
+PatchType = Literal["strategic", "merge", "json"]
+_PATCH_CONTENT_TYPES: dict[PatchType, str] = {
+    "strategic": "application/strategic-merge-patch+json",
+    "merge": "application/merge-patch+json",
+    "json": "application/json-patch+json",
+}
+USER_AGENT = "reloader/0.1"
+
+
+class ApiError(Exception):
+    """A request failed; ``status`` is the HTTP code (0 when there was no answer)."""
+
+    retryable = True
+
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        super().__init__(f"{status} {reason}: {message}" if status else message)
+        self.status = status
+        self.reason = reason
+        self.message = message
+
+
+class ApiGone(ApiError):
+    pass
+
+
+class ApiConflict(ApiError):
+    pass
+
+
+class ApiTooManyRequests(ApiError):
+    pass
+
+
+class ApiForbidden(ApiError):
+    pass
+
+
+class ApiNotFound(ApiError):
+    retryable = False
+
+
+class ApiInvalid(ApiError):
+    retryable = False
+
+
+class ApiServerError(ApiError):
+    pass
+
+
+class ApiUnavailable(ApiError):
+    pass
+
+
+_BY_STATUS: dict[int, type[ApiError]] = {
+    400: ApiInvalid,
+    403: ApiForbidden,
+    404: ApiNotFound,
+    409: ApiConflict,
+    410: ApiGone,
+    422: ApiInvalid,
+    429: ApiTooManyRequests,
+}
+
+
+def classify(status: int, body: bytes | Mapping[str, Any] | None) -> ApiError:
+    """Map a status code and a (possibly absent) Status body to the error tree."""
+    parsed: Any = body
+    if isinstance(body, bytes | bytearray):
+        try:
+            parsed = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            parsed = {"message": body[:200].decode(errors="replace")}
+    status_body = parsed if isinstance(parsed, dict) else {}
+    code = int(status_body.get("code") or status)
+    reason = str(status_body.get("reason") or "")
+    message = str(status_body.get("message") or "")
+    if code == 500 and "too old resource version" in message:
+        code = 410  # etcd compaction reported by old servers as an internal error
+    error_type = _BY_STATUS.get(code) or (ApiServerError if code >= 500 else ApiError)
+    return error_type(code, reason, message)
+
+
+@dataclass(frozen=True, slots=True)
+class ApiStatistics:
+    """Requests sent, by (method, status code); read by metrics at scrape time."""
+
+    requests: Mapping[tuple[str, str], int]
+
+
+class Api:
+    """A thin, shared client: one aiohttp session, raw JSON in and out, errors classified."""
+
+    def __init__(self, api_client: client.ApiClient) -> None:
+        self._client = api_client
+        self._requests: Counter[tuple[str, str]] = Counter()
+
+    @property
+    def server(self) -> str:
+        return str(self._client.configuration.host)
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    def statistics(self) -> ApiStatistics:
+        return ApiStatistics(requests=dict(self._requests))
+
+    async def _send(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Sequence[tuple[str, str]] = (),
+        body: bytes | None = None,
+        content_type: str = "application/json",
+        client_timeout: aiohttp.ClientTimeout | None = None,
+    ) -> aiohttp.ClientResponse:
+        headers = {"Accept": "application/json", "Content-Type": content_type}
+        headers["User-Agent"] = USER_AGENT
+        try:
+            response = await self._client.call_api(
+                path,
+                method,
+                query_params=list(params),
+                header_params=headers,
+                body=body,
+                auth_settings=["BearerToken"],
+                _preload_content=False,
+                _request_timeout=client_timeout or aiohttp.ClientTimeout(total=60),
+            )
+        except (TimeoutError, aiohttp.ClientError, OSError) as error:
+            self._requests[(method, "<error>")] += 1
+            raise ApiUnavailable(0, type(error).__name__, str(error) or repr(error)) from error
+        self._requests[(method, str(response.status))] += 1
+        return cast(aiohttp.ClientResponse, response)
+
+    async def _json(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        response = await self._send(method, path, **kwargs)
+        async with response:
+            try:
+                payload = await response.read()
+            except (TimeoutError, aiohttp.ClientError) as error:
+                raise ApiUnavailable(0, type(error).__name__, str(error)) from error
+        if not 200 <= response.status < 300:
+            raise classify(response.status, payload)
+        decoded = orjson.loads(payload) if payload else {}
+        return cast(dict[str, Any], decoded)
+
+    async def get(self, path: str) -> RawObject:
+        return cast(RawObject, await self._json("GET", path))
+
+    async def list_page(self, path: str, *, params: Sequence[tuple[str, str]]) -> dict[str, Any]:
+        """One page of a LIST: ``items`` plus ``metadata.resourceVersion`` and ``continue``."""
+        return await self._json("GET", path, params=params)
+
+    async def create(self, path: str, body: Mapping[str, Any]) -> RawObject:
+        params = [("fieldManager", FIELD_MANAGER)]
+        return cast(
+            RawObject, await self._json("POST", path, params=params, body=orjson.dumps(body))
+        )
+
+    async def delete(self, path: str, *, propagation: str = "Background") -> None:
+        body = orjson.dumps({"propagationPolicy": propagation})
+        await self._json("DELETE", path, body=body)
+
+    async def patch(self, path: str, patch: Any, *, patch_type: PatchType) -> RawObject:
+        params = [("fieldManager", FIELD_MANAGER)]
+        data = orjson.dumps(patch)
+        content_type = _PATCH_CONTENT_TYPES[patch_type]
+        raw = await self._json("PATCH", path, params=params, body=data, content_type=content_type)
+        return cast(RawObject, raw)
+
+    async def watch(
+        self, path: str, *, params: Sequence[tuple[str, str]], read_timeout: float
+    ) -> AsyncIterator[RawWatchEvent]:
+        """Stream watch events, one JSON object per line, until the server ends the watch.
+
+        ``read_timeout`` bounds the silence between two lines: a connection that stops delivering
+        (a half-open TCP stream after an apiserver restart, a stuck proxy) raises ApiUnavailable
+        instead of hanging forever. That is the stall watchdog.
+        """
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=read_timeout)
+        response = await self._send(
+            "GET", path, params=[*params, ("watch", "true")], client_timeout=timeout
+        )
+        async with response:
+            if response.status != 200:
+                raise classify(response.status, await response.read())
+            while True:
+                try:
+                    line = await response.content.readline()
+                except (TimeoutError, aiohttp.ClientError) as error:
+                    raise ApiUnavailable(0, "WatchStalled", repr(error)) from error
+                if not line:
+                    return
+                if line.strip():
+                    yield cast(RawWatchEvent, orjson.loads(line))
+
+
+async def connect(*, kubeconfig: str | None) -> Api:
+    """Configure from an explicit kubeconfig, else in-cluster, else $KUBECONFIG / ~/.kube/config."""
+    configuration = client.Configuration()
+    if kubeconfig:
+        await config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
+    elif os.environ.get("KUBERNETES_SERVICE_HOST"):
+        config.load_incluster_config(client_configuration=configuration)
+    else:
+        try:
+            await config.load_kube_config(client_configuration=configuration)
+        except ConfigException as error:
+            raise ApiUnavailable(0, "NoConfiguration", str(error)) from error
+    return Api(client.ApiClient(configuration=configuration))
+
+
+async def connect_with_dict(kubeconfig: Mapping[str, Any]) -> Api:
+    """Configure from an in-memory kubeconfig (tests and the benchmark use this)."""
+    configuration = client.Configuration()
+    await config.load_kube_config_from_dict(
+        dict(kubeconfig), client_configuration=configuration, temp_file_path=None
+    )
+    return Api(client.ApiClient(configuration=configuration))

@@ -1,0 +1,135 @@
+"""Every metric, on a private registry; Stakater's names kept so existing dashboards work.
+
+Counters are incremented where an outcome is decided (restart.py); gauges are read at scrape time
+from the ``statistics()`` of the queue, the informers and the API client, so the hot path does no
+bookkeeping for them. No label ever carries a config value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from reloader.kube import ApiStatistics
+from reloader.watch import InformerStatistics
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+@dataclass(frozen=True, slots=True)
+class Sources:
+    """Callables the scrape-time collector reads; app.py wires them."""
+
+    informers: Callable[[], Iterable[InformerStatistics]]
+    queue_depth: Callable[[], tuple[int, int, int]]
+    api: Callable[[], ApiStatistics]
+
+
+class _LiveCollector(Collector):
+    def __init__(self, sources: Sources) -> None:
+        self._sources = sources
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        objects = GaugeMetricFamily(
+            "reloader_cached_objects", "Objects cached, by kind.", labels=["kind"]
+        )
+        relists = CounterMetricFamily(
+            "reloader_watch_relists", "Relists after an expired watch, by kind.", labels=["kind"]
+        )
+        restarts = CounterMetricFamily(
+            "reloader_watch_restarts", "Watch reconnects after an error, by kind.", labels=["kind"]
+        )
+        for stats in self._sources.informers():
+            objects.add_metric([stats.kind], stats.objects)
+            relists.add_metric([stats.kind], stats.relists)
+            restarts.add_metric([stats.kind], stats.restarts)
+        yield from (objects, relists, restarts)
+        ready, waiting, processing = self._sources.queue_depth()
+        depth = GaugeMetricFamily("reloader_workqueue_depth", "Workloads ready to be processed.")
+        depth.add_metric([], ready)
+        yield depth
+        delayed = GaugeMetricFamily(
+            "reloader_workqueue_waiting", "Workloads waiting (debounce/retry)."
+        )
+        delayed.add_metric([], waiting)
+        yield delayed
+        busy = GaugeMetricFamily("reloader_workqueue_in_flight", "Workloads being processed.")
+        busy.add_metric([], processing)
+        yield busy
+        requests = CounterMetricFamily(
+            "reloader_api_requests", "Requests sent to the API server.", labels=["method", "code"]
+        )
+        for (method, code), count in self._sources.api().requests.items():
+            requests.add_metric([method, code], count)
+        yield requests
+
+
+class Metrics:
+    """The metric objects the code records into; one instance per process (or per test)."""
+
+    def __init__(self, *, by_namespace: bool = True) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.reload_executed = Counter(
+            "reloader_reload_executed",
+            "Workload restarts attempted, by success.",
+            ["success"],
+            registry=r,
+        )
+        for success in ("true", "false"):
+            self.reload_executed.labels(success=success)
+        self.by_namespace = by_namespace
+        self.reload_executed_by_namespace = Counter(
+            "reloader_reload_executed_total_by_namespace",
+            "Workload restarts attempted, by success and namespace.",
+            ["success", "namespace"],
+            registry=r,
+        )
+        self.action_total = Counter(
+            "reloader_action",
+            "Restarts by workload kind and result.",
+            ["workload_kind", "result"],
+            registry=r,
+        )
+        self.action_latency = Histogram(
+            "reloader_action_latency_seconds",
+            "From the config change being seen to the workload patch being accepted.",
+            ["workload_kind"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_latency = Histogram(
+            "reloader_workqueue_latency_seconds",
+            "Time a ready workload waited for a worker.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.records = Counter(
+            "reloader_records", "Digest records written without a restart.", registry=r
+        )
+        self.restarts_deferred = Counter(
+            "reloader_restarts_deferred",
+            "Restarts held back by the per-workload interval or the global restart rate.",
+            registry=r,
+        )
+        self.retries = Counter("reloader_retries", "Writes retried through the queue.", registry=r)
+        self.errors = Counter("reloader_errors", "Errors by type.", ["type"], registry=r)
+        self.events_received = Counter(
+            "reloader_events_received",
+            "Changes seen by the informers, by kind.",
+            ["resource_type"],
+            registry=r,
+        )
+
+    def attach(self, sources: Sources) -> None:
+        self.registry.register(_LiveCollector(sources))
+
+    def count_reload(self, *, namespace: str, success: bool) -> None:
+        flag = "true" if success else "false"
+        self.reload_executed.labels(success=flag).inc()
+        if self.by_namespace:
+            self.reload_executed_by_namespace.labels(success=flag, namespace=namespace).inc()

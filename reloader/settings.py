@@ -1,0 +1,223 @@
+"""Every knob of the controller, parsed and validated once at startup.
+
+Each setting is read, in order of precedence, from a command-line flag (Stakater Reloader's flag
+name where one exists, otherwise the field name in kebab case), an environment variable
+``RELOADER_<FIELD>`` (plus Stakater's ``KUBERNETES_NAMESPACE`` for single-namespace mode), and the
+default. Invalid input ends the process with one message and exit code 2 before anything connects
+to the API server: a controller that starts with a half-understood configuration does damage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from collections.abc import Sequence
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from reloader.annotations import AnnotationNames
+
+CommaList = Annotated[list[str], NoDecode]
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+def _flag(name: str, help_text: str) -> dict[str, Any]:
+    return {"json_schema_extra": {"flag": name}, "description": help_text}
+
+
+class Settings(BaseSettings):
+    """The controller's configuration; see ``docs/configuration.md`` for the table."""
+
+    model_config = SettingsConfigDict(env_prefix="RELOADER_", extra="forbid", frozen=True)
+
+    namespaces: CommaList = Field(
+        default_factory=list,
+        **_flag("--namespaces", "Namespaces to watch, comma-separated; empty watches all."),
+    )
+    namespaces_to_ignore: CommaList = Field(
+        default_factory=list,
+        **_flag("--namespaces-to-ignore", "Namespaces never acted on (cluster-wide mode)."),
+    )
+    reload_on_create: bool = Field(
+        default=False,
+        **_flag(
+            "--reload-on-create", "Restart when a referenced config appears after the workload."
+        ),
+    )
+    reload_on_delete: bool = Field(
+        default=False,
+        **_flag("--reload-on-delete", "Restart when a referenced config is deleted."),
+    )
+    auto_reload_all: bool = Field(
+        default=False,
+        **_flag("--auto-reload-all", "Treat every workload as auto unless auto is 'false'."),
+    )
+    debounce_seconds: float = Field(
+        default=1.0,
+        ge=0,
+        le=3600,
+        description="Wait this long after a config change so a burst gives one rollout.",
+    )
+    workers: int = Field(default=4, ge=1, le=256, description="Concurrent restart workers.")
+    min_restart_interval_seconds: float = Field(
+        default=10.0,
+        ge=0,
+        le=86400,
+        description="Least time between two restarts of one workload; later changes wait.",
+    )
+    restart_rate_per_second: float = Field(
+        default=5.0, gt=0, description="Global restarts per second allowed (token bucket rate)."
+    )
+    restart_burst: int = Field(default=50, ge=1, description="Global restart burst size.")
+    log_level: Literal["trace", "debug", "info", "warning", "error", "fatal", "panic"] = Field(
+        default="info", **_flag("--log-level", "Log level.")
+    )
+    log_format: Literal["json", "text", ""] = Field(
+        default="",
+        **_flag("--log-format", "json or text; empty picks text on a terminal, JSON otherwise."),
+    )
+    metrics_port: int = Field(default=9090, ge=0, le=65535, description="Port of /metrics etc.")
+    metrics_address: str = Field(default="0.0.0.0", description="Address the HTTP port binds.")
+    kubeconfig: str | None = Field(
+        default=None,
+        **_flag("--kubeconfig", "Kubeconfig path; defaults to in-cluster, then $KUBECONFIG."),
+    )
+    hash_key: SecretStr | None = Field(
+        default=None,
+        description="Key for config digests. Unset: read (or create) the hash key Secret.",
+    )
+    hash_key_secret: str = Field(
+        default="reloader-hash-key",
+        description="Secret in the controller's namespace holding the digest key (key 'key').",
+    )
+    controller_namespace: str = Field(
+        default_factory=lambda: os.environ.get("POD_NAMESPACE", "reloader"),
+        description="The controller's own namespace (POD_NAMESPACE in a pod).",
+    )
+    stall_timeout_seconds: float = Field(
+        default=70.0, gt=0, description="Reconnect a watch that sent nothing for this long."
+    )
+    auto_annotation: str = Field(
+        default="reloader.stakater.com/auto", **_flag("--auto-annotation", "Rename 'auto'.")
+    )
+    configmap_auto_annotation: str = Field(
+        default="configmap.reloader.stakater.com/auto",
+        **_flag("--configmap-auto-annotation", "Rename the ConfigMap auto annotation."),
+    )
+    secret_auto_annotation: str = Field(
+        default="secret.reloader.stakater.com/auto",
+        **_flag("--secret-auto-annotation", "Rename the Secret auto annotation."),
+    )
+    configmap_annotation: str = Field(
+        default="configmap.reloader.stakater.com/reload",
+        **_flag("--configmap-annotation", "Rename the named ConfigMap list annotation."),
+    )
+    secret_annotation: str = Field(
+        default="secret.reloader.stakater.com/reload",
+        **_flag("--secret-annotation", "Rename the named Secret list annotation."),
+    )
+    auto_search_annotation: str = Field(
+        default="reloader.stakater.com/search",
+        **_flag("--auto-search-annotation", "Rename 'search'."),
+    )
+    search_match_annotation: str = Field(
+        default="reloader.stakater.com/match",
+        **_flag("--search-match-annotation", "Rename 'match'."),
+    )
+    ignore_annotation: str = Field(
+        default="reloader.stakater.com/ignore", **_flag("--ignore-annotation", "Rename 'ignore'.")
+    )
+
+    @field_validator("namespaces", "namespaces_to_ignore", mode="before")
+    @classmethod
+    def _split_comma_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("namespaces", "namespaces_to_ignore")
+    @classmethod
+    def _valid_namespace_names(cls, value: list[str]) -> list[str]:
+        bad = [name for name in value if not _DNS_LABEL.match(name) or len(name) > 63]
+        if bad:
+            raise ValueError(f"not a namespace name: {', '.join(bad)}")
+        return sorted(set(value))
+
+    @model_validator(mode="after")
+    def _single_namespace_from_stakater_env(self) -> Settings:
+        """Stakater's ``KUBERNETES_NAMESPACE`` selects single-namespace mode when no list is set."""
+        single = os.environ.get("KUBERNETES_NAMESPACE", "").strip()
+        if single and not self.namespaces:
+            object.__setattr__(self, "namespaces", [single])
+        return self
+
+    @property
+    def cluster_wide(self) -> bool:
+        return not self.namespaces
+
+    def annotation_names(self) -> AnnotationNames:
+        """The annotation keys in force, after any renaming flags."""
+        return AnnotationNames(
+            auto=self.auto_annotation,
+            configmap_auto=self.configmap_auto_annotation,
+            secret_auto=self.secret_auto_annotation,
+            configmap_reload=self.configmap_annotation,
+            secret_reload=self.secret_annotation,
+            search=self.auto_search_annotation,
+            match=self.search_match_annotation,
+            ignore=self.ignore_annotation,
+        )
+
+
+class SettingsError(Exception):
+    """The configuration cannot be used; the message is one line fit for the user."""
+
+
+def _flag_name(field_name: str, extra: object) -> str:
+    if isinstance(extra, dict) and isinstance(extra.get("flag"), str):
+        return str(extra["flag"])
+    return "--" + field_name.replace("_", "-")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """A parser whose flags are generated from the fields, so flags and settings never drift."""
+    parser = argparse.ArgumentParser(
+        prog="reloader",
+        description="Restart workloads when the ConfigMaps and Secrets they use change.",
+        argument_default=argparse.SUPPRESS,
+    )
+    for name, field in Settings.model_fields.items():
+        flag = _flag_name(name, field.json_schema_extra)
+        env = f"RELOADER_{name.upper()}"
+        parser.add_argument(flag, dest=name, metavar="VALUE", help=f"{field.description} [{env}]")
+    return parser
+
+
+def _one_line(error: ValidationError) -> str:
+    parts = []
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "settings"
+        parts.append(f"{where}: {item['msg']}")
+    return "invalid settings: " + "; ".join(parts)
+
+
+def load_settings(argv: Sequence[str]) -> Settings:
+    """Parse flags over environment over defaults; raise SettingsError with one line."""
+    given = vars(build_parser().parse_args(list(argv)))
+    try:
+        return Settings(**given)
+    except ValidationError as error:
+        raise SettingsError(_one_line(error)) from None
+
+
+def load_settings_or_exit(argv: Sequence[str]) -> Settings:
+    """The process entry's variant: one message on stderr and exit code 2 when invalid."""
+    try:
+        return load_settings(argv)
+    except SettingsError as error:
+        print(f"reloader: {error}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# Build etcd, kube-apiserver and kube-controller-manager from the Go module proxy.
+#
+# Why a wrapper module: k8s.io/kubernetes requires its staging modules at v0.0.0 and relies on
+# replace directives that do not apply to dependents, and `go install pkg@version` refuses modules
+# with replace directives. So a throwaway module requires k8s.io/kubernetes at a pinned release and
+# replaces every staging module by its published v0.<minor>.<patch> twin, generated from that
+# release's own go.mod. etcd's server module has replace directives too, hence a second wrapper.
+#
+# Binaries land in $RELOADER_TESTENV_CACHE/<k8s version>/ (default ~/.cache/reloader-testenv), outside
+# the checkout; a later run with the binaries present and stamped with the right version does nothing.
+# Go's own build and module caches (GOCACHE, GOMODCACHE) are outside the checkout as well, so a warm
+# machine rebuilds in about a minute. Prints the binary directory on its last line.
+set -euo pipefail
+
+K8S_VERSION="${RELOADER_K8S_VERSION:-1.37.2}"
+ETCD_VERSION="${RELOADER_ETCD_VERSION:-v3.6.16}"
+CACHE_ROOT="${RELOADER_TESTENV_CACHE:-$HOME/.cache/reloader-testenv}"
+OUT="$CACHE_ROOT/$K8S_VERSION"
+STAGING_VERSION="v0.${K8S_VERSION#1.}"
+MINOR="$(echo "$K8S_VERSION" | cut -d. -f2)"
+
+log() { echo "build-control-plane: $*" >&2; }
+
+is_built() {
+  [ -x "$OUT/kube-apiserver" ] && [ -x "$OUT/kube-controller-manager" ] && [ -x "$OUT/etcd" ] \
+    && "$OUT/kube-apiserver" --version 2>/dev/null | grep -qx "Kubernetes v$K8S_VERSION" \
+    && "$OUT/etcd" --version 2>/dev/null | grep -q "etcd Version: ${ETCD_VERSION#v}"
+}
+
+if is_built; then
+  log "binaries for Kubernetes v$K8S_VERSION and etcd $ETCD_VERSION already in $OUT"
+  echo "$OUT"
+  exit 0
+fi
+
+command -v go >/dev/null || { log "Go is required to build the test control plane"; exit 1; }
+mkdir -p "$OUT"
+export CGO_ENABLED=0 GOFLAGS=-mod=mod GOTOOLCHAIN="${GOTOOLCHAIN:-local}"
+WORK="$(mktemp -d)"
+trap 'rm -rf "$WORK"' EXIT
+
+build_kubernetes() {
+  local dir="$WORK/k8s"
+  mkdir -p "$dir" && cd "$dir"
+  go mod init local/reloader-k8s-binaries >/dev/null 2>&1
+  local gomod
+  gomod="$(go mod download -json "k8s.io/kubernetes@v$K8S_VERSION" \
+    | python3 -c 'import json,sys; print(json.load(sys.stdin)["GoMod"])')"
+  local module
+  for module in $(awk '$1 ~ /^k8s\.io\// && $2 == "v0.0.0" {print $1}' "$gomod" | sort -u); do
+    go mod edit -replace="$module=$module@$STAGING_VERSION"
+  done
+  go mod edit -require="k8s.io/kubernetes@v$K8S_VERSION"
+  cat > tools.go <<GO
+//go:build tools
+
+package tools
+
+import (
+	_ "k8s.io/kubernetes/cmd/kube-apiserver"
+	_ "k8s.io/kubernetes/cmd/kube-controller-manager"
+)
+GO
+  log "resolving k8s.io/kubernetes v$K8S_VERSION modules"
+  go mod tidy -e >/dev/null 2>"$WORK/tidy.log" || { cat "$WORK/tidy.log" >&2; exit 1; }
+  local stamp="k8s.io/component-base/version"
+  local ldflags="-s -w -X $stamp.gitVersion=v$K8S_VERSION -X $stamp.gitMajor=1 -X $stamp.gitMinor=$MINOR"
+  ldflags="$ldflags -X $stamp.gitTreeState=clean -X $stamp.buildDate=1970-01-01T00:00:00Z"
+  log "building kube-apiserver and kube-controller-manager (a cold build takes 10-20 minutes)"
+  go build -trimpath -ldflags "$ldflags" -o "$OUT/" \
+    k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager
+}
+
+build_etcd() {
+  local dir="$WORK/etcd"
+  mkdir -p "$dir" && cd "$dir"
+  go mod init local/reloader-etcd-binary >/dev/null 2>&1
+  go mod edit -require="go.etcd.io/etcd/server/v3@$ETCD_VERSION"
+  cat > tools.go <<GO
+//go:build tools
+
+package tools
+
+import _ "go.etcd.io/etcd/server/v3"
+GO
+  log "resolving etcd $ETCD_VERSION modules"
+  go mod tidy -e >/dev/null 2>"$WORK/tidy-etcd.log" || { cat "$WORK/tidy-etcd.log" >&2; exit 1; }
+  log "building etcd"
+  go build -trimpath -ldflags "-s -w" -o "$OUT/etcd" go.etcd.io/etcd/server/v3
+}
+
+(build_etcd)
+(build_kubernetes)
+is_built || { log "built binaries do not report the expected versions"; exit 1; }
+log "done: $OUT"
+echo "$OUT"

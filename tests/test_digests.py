@@ -1,0 +1,85 @@
+"""Keyed digests: what changes them, what does not, and the record format."""
+
+from __future__ import annotations
+
+import pytest
+
+from reloader.digests import (
+    DigestKey,
+    Recorded,
+    decode_record,
+    encode_record,
+    key_digests,
+    reference_digest,
+)
+
+KEY = DigestKey.from_secret(b"k" * 32)
+OTHER_KEY = DigestKey.from_secret(b"o" * 32)
+
+
+def digest(data: dict[str, str], keys: frozenset[str] | None = None, key: DigestKey = KEY) -> str:
+    return reference_digest(key_digests(data, None, key=key), keys, key=key)
+
+
+def test_same_content_same_digest_regardless_of_order() -> None:
+    assert digest({"a": "1", "b": "2"}) == digest({"b": "2", "a": "1"})
+
+
+def test_value_change_changes_digest() -> None:
+    assert digest({"a": "1"}) != digest({"a": "2"})
+
+
+def test_framing_is_unambiguous() -> None:
+    """Stakater's k=v; framing makes these two equal; ours must not."""
+    assert digest({"a": "b;c=d"}) != digest({"a": "b", "c": "d"})
+
+
+def test_unused_key_change_does_not_change_a_key_reference() -> None:
+    used = frozenset({"a"})
+    assert digest({"a": "1", "b": "x"}, used) == digest({"a": "1", "b": "y"}, used)
+    assert digest({"a": "1", "b": "x"}) != digest({"a": "1", "b": "y"})
+
+
+def test_missing_key_then_added_changes_digest() -> None:
+    used = frozenset({"a"})
+    assert digest({}, used) != digest({"a": ""}, used)
+
+
+def test_binary_data_counts_and_differs_from_data() -> None:
+    as_data = reference_digest(key_digests({"a": "AA=="}, None, key=KEY), None, key=KEY)
+    as_binary = reference_digest(key_digests(None, {"a": "AA=="}, key=KEY), None, key=KEY)
+    assert as_data != as_binary
+
+
+def test_digest_depends_on_key() -> None:
+    assert digest({"pin": "1234"}) != digest({"pin": "1234"}, key=OTHER_KEY)
+    assert KEY.key_id != OTHER_KEY.key_id
+
+
+def test_key_repr_hides_the_secret() -> None:
+    assert "kkkk" not in repr(KEY)
+
+
+def test_short_key_is_refused() -> None:
+    with pytest.raises(ValueError, match="16 bytes"):
+        DigestKey.from_secret(b"short")
+
+
+def test_record_round_trips() -> None:
+    record = Recorded.of(KEY.key_id, {"Secret/db": "ab", "ConfigMap/app": "cd"})
+    assert decode_record(encode_record(record)) == record
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        pytest.param(None, id="absent"),
+        pytest.param("", id="empty"),
+        pytest.param("{not json", id="not-json"),
+        pytest.param("[]", id="not-an-object"),
+        pytest.param('{"keyId": 1, "configs": {}}', id="key-not-string"),
+        pytest.param('{"keyId": "x", "configs": {"a": 1}}', id="digest-not-string"),
+    ],
+)
+def test_malformed_record_reads_as_none(value: str | None) -> None:
+    assert decode_record(value) is None
