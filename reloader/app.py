@@ -114,7 +114,7 @@ class Controller:
         self.settings = settings
         self.api = api
         self.digest_key = digest_key
-        self.metrics = metrics or Metrics()
+        self.metrics = metrics or Metrics(by_namespace=settings.metrics_count_by_namespace)
         self.index = ReferenceIndex()
         self.queue: WorkQueue[WorkloadKey] = WorkQueue(
             on_dequeue=self.metrics.queue_latency.observe

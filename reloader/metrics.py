@@ -7,11 +7,12 @@ bookkeeping for them. No label ever carries a config value.
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from reloader.kube import ApiStatistics
@@ -68,6 +69,25 @@ class _LiveCollector(Collector):
         yield requests
 
 
+class _ByNamespaceCollector(Collector):
+    """Stakater's ``reloader_reload_executed_total_by_namespace``, under its exact series name.
+
+    prometheus_client would append ``_total`` to a Counter of that name, so the series is emitted
+    as an untyped metric with the name dashboards already query.
+    """
+
+    NAME = "reloader_reload_executed_total_by_namespace"
+
+    def __init__(self, counts: collections.Counter[tuple[str, str]]) -> None:
+        self._counts = counts
+
+    def collect(self) -> Iterator[Metric]:
+        metric = Metric(self.NAME, "Workload restarts attempted, by success and namespace.", "unknown")
+        for (success, namespace), count in sorted(self._counts.items()):
+            metric.add_sample(self.NAME, {"success": success, "namespace": namespace}, count)
+        yield metric
+
+
 class Metrics:
     """The metric objects the code records into; one instance per process (or per test)."""
 
@@ -83,12 +103,8 @@ class Metrics:
         for success in ("true", "false"):
             self.reload_executed.labels(success=success)
         self.by_namespace = by_namespace
-        self.reload_executed_by_namespace = Counter(
-            "reloader_reload_executed_total_by_namespace",
-            "Workload restarts attempted, by success and namespace.",
-            ["success", "namespace"],
-            registry=r,
-        )
+        self._by_namespace: collections.Counter[tuple[str, str]] = collections.Counter()
+        r.register(_ByNamespaceCollector(self._by_namespace))
         self.action_total = Counter(
             "reloader_action",
             "Restarts by workload kind and result.",
@@ -132,4 +148,4 @@ class Metrics:
         flag = "true" if success else "false"
         self.reload_executed.labels(success=flag).inc()
         if self.by_namespace:
-            self.reload_executed_by_namespace.labels(success=flag, namespace=namespace).inc()
+            self._by_namespace[(flag, namespace)] += 1

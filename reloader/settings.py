@@ -81,6 +81,10 @@ class Settings(BaseSettings):
         **_flag("--log-format", "json or text; empty picks text on a terminal, JSON otherwise."),
     )
     metrics_port: int = Field(default=9090, ge=0, le=65535, description="Port of /metrics etc.")
+    metrics_count_by_namespace: bool = Field(
+        default_factory=lambda: os.environ.get("METRICS_COUNT_BY_NAMESPACE") == "enabled",
+        description="Export restarts by namespace (Stakater: METRICS_COUNT_BY_NAMESPACE=enabled).",
+    )
     metrics_address: str = Field(default="0.0.0.0", description="Address the HTTP port binds.")
     kubeconfig: str | None = Field(
         default=None,
@@ -193,7 +197,12 @@ def build_parser() -> argparse.ArgumentParser:
     for name, field in Settings.model_fields.items():
         flag = _flag_name(name, field.json_schema_extra)
         env = f"RELOADER_{name.upper()}"
-        parser.add_argument(flag, dest=name, metavar="VALUE", help=f"{field.description} [{env}]")
+        options: dict[str, Any] = {"dest": name, "help": f"{field.description} [{env}]"}
+        if field.annotation is bool:
+            options.update(nargs="?", const="true", metavar="BOOL")  # `--flag` or `--flag=false`
+        else:
+            options["metavar"] = "VALUE"
+        parser.add_argument(flag, **options)
     return parser
 
 

@@ -1,0 +1,267 @@
+"""End-to-end behaviour of the controller against a real API server and controller-manager.
+
+A restart is observed the way a user sees it: the Deployment controller creates a new ReplicaSet.
+"Exactly N" is checked after a quiet period, so a late duplicate restart fails the test.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from reloader.digests import decode_record
+from reloader.model import LAST_RELOADED_FROM, RECORD_ANNOTATION
+from tests.scenario import Cluster, container, deployment, env_from, wait_for
+
+pytestmark = pytest.mark.cluster
+AUTO = {"reloader.stakater.com/auto": "true"}
+
+
+async def test_configmap_change_rolls_the_deployment_once(scene: Cluster) -> None:
+    """1. A Deployment with auto uses a ConfigMap through envFrom; the controller records it.
+    2. The ConfigMap's data changes.
+    Result: exactly one new ReplicaSet, a Reloaded Event, and the marker names the ConfigMap.
+    """
+    await scene.create_configmap("app-config", {"level": "info"})
+    await scene.create_workload(
+        deployment("web", annotations=AUTO, containers=[container(**env_from("ConfigMap", "app-config"))])
+    )
+    await scene.start_controller()
+    await scene.wait_recorded("web")
+    await scene.assert_replica_sets_stay("web", 1)
+
+    await scene.patch_configmap("app-config", {"data": {"level": "debug"}})
+
+    await scene.assert_replica_sets_stay("web", 2)
+    obj = await scene.get_deployment("web")
+    marker = obj["spec"]["template"]["metadata"]["annotations"][LAST_RELOADED_FROM]
+    assert '"name":"app-config"' in marker and '"type":"CONFIGMAP"' in marker
+    assert await scene.events("Reloaded")
+
+
+async def test_label_only_update_does_not_restart(scene: Cluster) -> None:
+    await scene.create_configmap("cfg", {"a": "1"})
+    await scene.create_workload(
+        deployment("web", annotations=AUTO, containers=[container(**env_from("ConfigMap", "cfg"))])
+    )
+    await scene.start_controller()
+    await scene.wait_recorded("web")
+
+    await scene.patch_configmap("cfg", {"metadata": {"labels": {"team": "x"}}})
+
+    await scene.assert_replica_sets_stay("web", 1)
+
+
+async def test_controller_restart_writes_nothing_when_nothing_changed(scene: Cluster) -> None:
+    await scene.create_configmap("cfg", {"a": "1"})
+    await scene.create_workload(
+        deployment("web", annotations=AUTO, containers=[container(**env_from("ConfigMap", "cfg"))])
+    )
+    await scene.start_controller()
+    before = (await scene.wait_recorded("web"))["metadata"]["resourceVersion"]
+    await scene.stop_controllers()
+
+    await scene.start_controller()
+    await scene.assert_replica_sets_stay("web", 1)
+
+    after = (await scene.get_deployment("web"))["metadata"]["resourceVersion"]
+    assert after == before, "the restarted controller wrote to an unchanged workload"
+
+
+async def test_change_while_controller_down_rolls_exactly_once_after_start(scene: Cluster) -> None:
+    await scene.create_secret("db", {"password": "old"})
+    await scene.create_workload(
+        deployment("api", annotations=AUTO, containers=[container(**env_from("Secret", "db"))])
+    )
+    await scene.start_controller()
+    await scene.wait_recorded("api")
+    await scene.stop_controllers()
+
+    await scene.set_secret("db", {"password": "rotated"})
+    await scene.start_controller()
+
+    await scene.assert_replica_sets_stay("api", 2)
+
+
+async def test_first_sight_records_without_restarting(scene: Cluster) -> None:
+    await scene.create_configmap("cfg", {"a": "1"})
+    await scene.create_workload(
+        deployment("web", annotations=AUTO, containers=[container(**env_from("ConfigMap", "cfg"))])
+    )
+    await scene.start_controller()
+
+    obj = await scene.wait_recorded("web")
+
+    record = decode_record(obj["metadata"]["annotations"][RECORD_ANNOTATION])
+    assert record is not None and [name for name, _ in record.configs] == ["ConfigMap/cfg"]
+    assert "password" not in obj["metadata"]["annotations"][RECORD_ANNOTATION]
+    await scene.assert_replica_sets_stay("web", 1)
+
+
+async def test_burst_over_three_secrets_gives_one_rollout(scene: Cluster) -> None:
+    """The CSI driver rotates three Secrets used by one Deployment within the debounce window."""
+    names = ["tls", "db", "api-token"]
+    for name in names:
+        await scene.create_secret(name, {"v": "1"})
+    containers = [container(envFrom=[{"secretRef": {"name": n}} for n in names])]
+    await scene.create_workload(deployment("svc", annotations=AUTO, containers=containers))
+    await scene.start_controller(debounce_seconds=1.0)
+    await scene.wait_recorded("svc")
+
+    for name in names:
+        await scene.set_secret(name, {"v": "2"})
+
+    await scene.assert_replica_sets_stay("svc", 2, quiet=2.5)
+
+
+async def test_flapping_secret_is_held_to_the_minimum_interval(scene: Cluster) -> None:
+    """A Secret rewritten 20 times in a few seconds must not create 20 ReplicaSets."""
+    await scene.create_secret("flappy", {"v": "0"})
+    await scene.create_workload(
+        deployment("victim", annotations=AUTO, containers=[container(**env_from("Secret", "flappy"))])
+    )
+    await scene.start_controller(debounce_seconds=0.05, min_restart_interval_seconds=30)
+    await scene.wait_recorded("victim")
+
+    for value in range(1, 21):
+        await scene.set_secret("flappy", {"v": str(value)})
+
+    await scene.assert_replica_sets_stay("victim", 2, quiet=3)
+
+
+def _volume(kind: str, name: str, **extra: Any) -> dict[str, Any]:
+    source = {"configMap": {"name": name}} if kind == "ConfigMap" else {"secret": {"secretName": name}}
+    for value in source.values():
+        value.update(extra)
+    return {"name": "v", **source}
+
+
+MOUNT = {"volumeMounts": [{"name": "v", "mountPath": "/etc/cfg"}]}
+REFERENCES = [
+    pytest.param(
+        {"containers": [container(**env_from("ConfigMap", "cfg"))]}, "ConfigMap", id="envFrom-configmap"
+    ),
+    pytest.param(
+        {"containers": [container(**env_from("Secret", "cfg"))]}, "Secret", id="envFrom-secret"
+    ),
+    pytest.param(
+        {"containers": [container(env=[{"name": "A", "valueFrom": {
+            "configMapKeyRef": {"name": "cfg", "key": "a"}}}])]},
+        "ConfigMap", id="valueFrom-configmap",
+    ),
+    pytest.param(
+        {"containers": [container(env=[{"name": "A", "valueFrom": {
+            "secretKeyRef": {"name": "cfg", "key": "a"}}}])]},
+        "Secret", id="valueFrom-secret",
+    ),
+    pytest.param(
+        {"containers": [container(**MOUNT)], "volumes": [_volume("ConfigMap", "cfg")]},
+        "ConfigMap", id="volume-configmap",
+    ),
+    pytest.param(
+        {"containers": [container(**MOUNT)], "volumes": [_volume("Secret", "cfg")]},
+        "Secret", id="volume-secret",
+    ),
+    pytest.param(
+        {"containers": [container(**MOUNT)], "volumes": [{"name": "v", "projected": {"sources": [
+            {"configMap": {"name": "cfg"}}]}}]},
+        "ConfigMap", id="projected-configmap",
+    ),
+    pytest.param(
+        {"containers": [container(**MOUNT)], "volumes": [{"name": "v", "projected": {"sources": [
+            {"secret": {"name": "cfg"}}]}}]},
+        "Secret", id="projected-secret",
+    ),
+    pytest.param(
+        {"containers": [container()], "init_containers": [container("init", **env_from("ConfigMap", "cfg"))]},
+        "ConfigMap", id="envFrom-in-initContainer",
+    ),
+]
+
+
+@pytest.mark.parametrize(("spec", "kind"), REFERENCES)
+async def test_every_reference_kind_triggers_a_restart(
+    scene: Cluster, spec: dict[str, Any], kind: str
+) -> None:
+    if kind == "ConfigMap":
+        await scene.create_configmap("cfg", {"a": "1"})
+    else:
+        await scene.create_secret("cfg", {"a": "1"})
+    await scene.create_workload(deployment("web", annotations=AUTO, **spec))
+    await scene.start_controller()
+    await scene.wait_recorded("web")
+
+    if kind == "ConfigMap":
+        await scene.patch_configmap("cfg", {"data": {"a": "2"}})
+    else:
+        await scene.set_secret("cfg", {"a": "2"})
+
+    await scene.assert_replica_sets_stay("web", 2)
+
+
+async def test_change_to_an_unused_key_does_not_restart(scene: Cluster) -> None:
+    await scene.create_configmap("cfg", {"used": "1", "unused": "1"})
+    env = [{"name": "U", "valueFrom": {"configMapKeyRef": {"name": "cfg", "key": "used"}}}]
+    await scene.create_workload(deployment("web", annotations=AUTO, containers=[container(env=env)]))
+    await scene.start_controller()
+    await scene.wait_recorded("web")
+
+    await scene.patch_configmap("cfg", {"data": {"unused": "2"}})
+
+    await scene.assert_replica_sets_stay("web", 1)
+
+
+async def test_optional_reference_created_later_is_picked_up(scene: Cluster) -> None:
+    """The ConfigMap does not exist when the Deployment is made; it is created, then changed."""
+    ref = {"envFrom": [{"configMapRef": {"name": "late", "optional": True}}]}
+    await scene.create_workload(deployment("web", annotations=AUTO, containers=[container(**ref)]))
+    await scene.start_controller()
+    await scene.wait_recorded("web")
+
+    await scene.create_configmap("late", {"a": "1"})
+    await scene.assert_replica_sets_stay("web", 1)
+    await scene.patch_configmap("late", {"data": {"a": "2"}})
+
+    await scene.assert_replica_sets_stay("web", 2)
+
+
+async def test_deleted_config_does_not_restart_by_default(scene: Cluster) -> None:
+    await scene.create_configmap("cfg", {"a": "1"})
+    await scene.create_workload(
+        deployment("web", annotations=AUTO, containers=[container(**env_from("ConfigMap", "cfg"))])
+    )
+    await scene.start_controller()
+    await scene.wait_recorded("web")
+
+    await scene.delete_configmap("cfg")
+
+    await scene.assert_replica_sets_stay("web", 1)
+
+
+async def test_deleted_config_restarts_with_reload_on_delete(scene: Cluster) -> None:
+    await scene.create_configmap("cfg", {"a": "1"})
+    await scene.create_workload(
+        deployment("web", annotations=AUTO, containers=[container(**env_from("ConfigMap", "cfg"))])
+    )
+    await scene.start_controller(reload_on_delete=True)
+    await scene.wait_recorded("web")
+
+    await scene.delete_configmap("cfg")
+
+    await scene.assert_replica_sets_stay("web", 2)
+
+
+async def test_invalid_annotation_is_reported_and_ignored(scene: Cluster) -> None:
+    await scene.create_configmap("cfg", {"a": "1"})
+    annotations = {"reloader.stakater.com/auto": "yes please"}
+    await scene.create_workload(
+        deployment("web", annotations=annotations, containers=[container(**env_from("ConfigMap", "cfg"))])
+    )
+    await scene.start_controller()
+
+    events = await wait_for(lambda: scene.events("InvalidAnnotation"), message="a Warning Event")
+
+    assert "yes please" in events[0]["message"] and events[0]["type"] == "Warning"
+    await scene.patch_configmap("cfg", {"data": {"a": "2"}})
+    await scene.assert_replica_sets_stay("web", 1)

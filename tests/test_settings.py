@@ -1,0 +1,79 @@
+"""Settings: flags over environment over defaults, Stakater's names, exit 2 on bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from reloader.settings import SettingsError, load_settings
+
+
+@pytest.fixture(autouse=True)
+def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("KUBERNETES_NAMESPACE", "RELOADER_NAMESPACES", "RELOADER_WORKERS"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_defaults_watch_all_namespaces() -> None:
+    settings = load_settings([])
+    assert settings.cluster_wide and settings.metrics_port == 9090
+    assert settings.debounce_seconds == 1.0
+
+
+def test_stakater_flags_parse_comma_lists() -> None:
+    settings = load_settings(["--namespaces", "b, a", "--namespaces-to-ignore=kube-system"])
+    assert settings.namespaces == ["a", "b"]
+    assert settings.namespaces_to_ignore == ["kube-system"]
+
+
+def test_bare_bool_flag_means_true_and_explicit_false_works() -> None:
+    assert load_settings(["--auto-reload-all"]).auto_reload_all is True
+    assert load_settings(["--reload-on-delete=false"]).reload_on_delete is False
+
+
+def test_environment_prefix(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RELOADER_WORKERS", "7")
+    monkeypatch.setenv("RELOADER_NAMESPACES", "x,y")
+    settings = load_settings([])
+    assert settings.workers == 7 and settings.namespaces == ["x", "y"]
+
+
+def test_flag_beats_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RELOADER_WORKERS", "7")
+    assert load_settings(["--workers", "3"]).workers == 3
+
+
+def test_stakater_single_namespace_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KUBERNETES_NAMESPACE", "team-a")
+    assert load_settings([]).namespaces == ["team-a"]
+    assert load_settings(["--namespaces", "b"]).namespaces == ["b"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        pytest.param(["--workers", "0"], "workers", id="workers-zero"),
+        pytest.param(["--debounce-seconds", "soon"], "debounce_seconds", id="not-a-number"),
+        pytest.param(["--namespaces", "Bad_Name"], "not a namespace name", id="bad-namespace"),
+        pytest.param(["--log-format", "xml"], "log_format", id="unknown-log-format"),
+    ],
+)
+def test_invalid_settings_raise_one_line(argv: list[str], fragment: str) -> None:
+    with pytest.raises(SettingsError, match=fragment) as caught:
+        load_settings(argv)
+    assert "\n" not in str(caught.value)
+
+
+def test_invalid_settings_exit_2_before_connecting() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "reloader", "--workers", "0", "--kubeconfig", "/nonexistent"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("reloader: invalid settings: workers")
+    assert len(result.stderr.strip().splitlines()) == 1
