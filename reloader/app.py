@@ -25,6 +25,7 @@ import sys
 import time
 from collections.abc import Sequence
 from functools import partial
+from typing import Any
 
 from reloader import logs
 from reloader.digests import DigestKey
@@ -32,7 +33,16 @@ from reloader.http import build_app, serve
 from reloader.index import ReferenceIndex
 from reloader.kube import Api, ApiConflict, ApiError, ApiNotFound, connect
 from reloader.metrics import Metrics, Sources
-from reloader.model import CONFIG_KINDS, CONFIG_RESOURCES, KINDS, SECRETS, ConfigKind, WorkloadKey
+from reloader.model import (
+    CONFIG_KINDS,
+    CONFIG_RESOURCES,
+    KINDS,
+    NAMESPACES,
+    SECRETS,
+    ConfigKind,
+    WorkloadKey,
+    WorkloadKind,
+)
 from reloader.queue import TokenBucket, WorkQueue
 from reloader.restart import Restarter, RestartPolicy, run_worker
 from reloader.settings import Settings, load_settings_or_exit
@@ -125,20 +135,17 @@ class Controller:
             names=settings.annotation_names(),
             auto_reload_all=settings.auto_reload_all,
         )
-        self.configs = {kind: self._config_informer(kind, context) for kind in CONFIG_KINDS}
-        self.workloads = {
-            name: Informer[WorkloadSnapshot](
-                api=api,
-                resource=kind.resource,
-                transform=partial(workload_snapshot, kind, context=context),
-                namespaces=settings.namespaces or None,
-                namespace_filter=self._namespace_allowed,
-                stall_timeout=settings.stall_timeout_seconds,
-            )
-            for name, kind in KINDS.items()
+        self.configs = {
+            kind: self._config_informer(kind, context)
+            for kind in CONFIG_KINDS
+            if settings.watches_config(kind)
         }
-        for informer in self.workloads.values():
-            informer.subscribe(self._on_workload)
+        self.workloads = {
+            name: self._workload_informer(kind, context)
+            for name, kind in KINDS.items()
+            if settings.watches_workload(kind)
+        }
+        self.namespaces = self._namespace_informer()
         self.restarter = Restarter(
             api=api,
             workloads=self.workloads,
@@ -148,12 +155,15 @@ class Controller:
                 reload_on_create=settings.reload_on_create,
                 reload_on_delete=settings.reload_on_delete,
                 min_interval=settings.min_restart_interval_seconds,
+                strategy=settings.reload_strategy,
+                paused_at_annotation=settings.pause_deployment_time_annotation,
             ),
             restart_budget=TokenBucket(
                 rate=settings.restart_rate_per_second, burst=settings.restart_burst
             ),
             metrics=self.metrics,
             changed_since=self._changed_since.get,
+            in_scope=self._namespace_selected,
         )
         self.metrics.attach(
             Sources(
@@ -171,18 +181,56 @@ class Controller:
             resource=CONFIG_RESOURCES[kind],
             transform=partial(config_snapshot, kind, context=context),
             namespaces=self.settings.namespaces or None,
+            label_selector=self.settings.config_label_selector,
             namespace_filter=self._namespace_allowed,
             stall_timeout=self.settings.stall_timeout_seconds,
         )
         informer.subscribe(self._on_config)
         return informer
 
+    def _workload_informer(
+        self, kind: WorkloadKind, context: SnapshotContext
+    ) -> Informer[WorkloadSnapshot]:
+        informer = Informer[WorkloadSnapshot](
+            api=self.api,
+            resource=kind.resource,
+            transform=partial(workload_snapshot, kind, context=context),
+            namespaces=self.settings.namespaces or None,
+            namespace_filter=self._namespace_allowed,
+            stall_timeout=self.settings.stall_timeout_seconds,
+            optional=kind.optional,
+        )
+        informer.subscribe(self._on_workload)
+        return informer
+
+    def _namespace_informer(self) -> Informer[str] | None:
+        """With ``--namespace-selector`` (cluster-wide only): the names of matching namespaces."""
+        selector = self.settings.namespace_label_selector
+        if selector is None or not self.settings.cluster_wide:
+            return None
+        informer = Informer[str](
+            api=self.api,
+            resource=NAMESPACES,
+            transform=lambda obj: obj.get("metadata", {}).get("name", ""),
+            label_selector=selector,
+            stall_timeout=self.settings.stall_timeout_seconds,
+        )
+        informer.subscribe(self._on_namespace)
+        return informer
+
     @property
-    def informers(self) -> list[Informer[ConfigSnapshot] | Informer[WorkloadSnapshot]]:
-        return [*self.configs.values(), *self.workloads.values()]
+    def informers(self) -> list[Informer[Any]]:
+        extra = [self.namespaces] if self.namespaces is not None else []
+        return [*self.configs.values(), *self.workloads.values(), *extra]
 
     def _namespace_allowed(self, namespace: str) -> bool:
+        """Static scope, applied before caching: ignored namespaces cost no memory."""
         return namespace not in self.settings.namespaces_to_ignore
+
+    def _namespace_selected(self, namespace: str) -> bool:
+        """Dynamic scope (namespace labels), applied when acting, so a label change needs no
+        relist: the cache already holds the namespace's objects."""
+        return self.namespaces is None or self.namespaces.get("", namespace) is not None
 
     def _queue_depth(self) -> tuple[int, int, int]:
         stats = self.queue.statistics()
@@ -191,12 +239,24 @@ class Controller:
     # --- event handlers: update the index, enqueue what it returns; never act -------------------
 
     def _on_config(self, old: ConfigSnapshot | None, new: ConfigSnapshot | None) -> None:
-        kind = (new or old).key.kind if (new or old) else "?"
+        current = new or old
+        kind = current.key.kind if current is not None else "?"
         self.metrics.events_received.labels(resource_type=kind).inc()
         self._enqueue(self.index.config_changed(old, new))
 
     def _on_workload(self, old: WorkloadSnapshot | None, new: WorkloadSnapshot | None) -> None:
         self._enqueue(self.index.workload_changed(old, new))
+
+    def _on_namespace(self, old: str | None, new: str | None) -> None:
+        """A namespace entered or left the selection: look again at its opted-in workloads."""
+        namespace = new or old or ""
+        keys = {
+            workload.key
+            for informer in self.workloads.values()
+            for workload in informer.in_namespace(namespace).values()
+            if workload.policy.opted_in
+        }
+        self._enqueue(frozenset(keys))
 
     def _enqueue(self, keys: frozenset[WorkloadKey]) -> None:
         now = time.monotonic()
@@ -217,6 +277,7 @@ class Controller:
         return (self._running, "ok" if self._running else "not running")
 
     _running = False
+    _working = False
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -229,7 +290,8 @@ class Controller:
                 workers = group.create_task(self._work_when_synced())
                 await stop.wait()
                 log.info("stopping: finishing in-flight work")
-                await self.queue.shutdown(drain=True)
+                # Drain only once workers run; before that nobody would take the queued keys.
+                await self.queue.shutdown(drain=self._working)
                 await workers
                 for task in watches:
                     task.cancel()
@@ -242,6 +304,7 @@ class Controller:
 
     async def _work_when_synced(self) -> None:
         await self.wait_synced()
+        self._working = True
         log.info("caches synced; starting workers", extra={"workers": self.settings.workers})
         async with asyncio.TaskGroup() as group:
             for _ in range(self.settings.workers):

@@ -57,6 +57,8 @@ def _referenced(
 ) -> dict[str, Dependency]:
     found: dict[str, Dependency] = {}
     for ref in workload.references:
+        if ref.kind not in configs:
+            continue  # a kind the controller does not watch (--resources-to-ignore)
         snapshot = configs[ref.kind].get(ref.name)
         if snapshot is not None and snapshot.ignore:
             continue
@@ -80,6 +82,8 @@ def _named(
     policy, found = workload.policy, {}
     first = frozenset({workload.first_container}) if workload.first_container else frozenset()
     for kind in CONFIG_KINDS:
+        if kind not in configs:
+            continue
         candidates = set(policy.exact_names(kind))
         if policy.has_regex(kind):
             candidates.update(configs[kind])
@@ -156,9 +160,9 @@ def decide(
     triggers = (
         changed + (created if reload_on_create else []) + (deleted if reload_on_delete else [])
     )
-    record = Recorded.of(key_id, _next_record(before, deps, reload_on_delete=reload_on_delete))
+    updated = Recorded.of(key_id, _next_record(before, deps, reload_on_delete=reload_on_delete))
     if triggers:
-        return Decision("restart", record, tuple(sorted(triggers)), "config changed")
-    if record != recorded:
-        return Decision("record", record, (), "dependencies changed")
+        return Decision("restart", updated, tuple(sorted(triggers)), "config changed")
+    if updated != recorded:
+        return Decision("record", updated, (), "dependencies changed")
     return Decision("nothing", None, (), "up to date")

@@ -61,16 +61,17 @@ class ReferenceIndex:
         self, old: WorkloadSnapshot | None, new: WorkloadSnapshot | None
     ) -> frozenset[WorkloadKey]:
         """Re-index one workload; it needs a look unless it was deleted."""
-        key = (new or old).key if (new or old) else None
-        if key is None:
+        current = new or old
+        if current is None:
             return frozenset()
+        key = current.key
         self._unindex(key)
         if new is None:
             return frozenset()
         self._index(new)
         return (
             frozenset({key})
-            if new.policy.opted_in or (old and old.policy.opted_in)
+            if new.policy.opted_in or (old and old.policy.opted_in) or new.paused_at is not None
             else frozenset()
         )
 

@@ -149,10 +149,11 @@ class Api:
         path: str,
         *,
         params: Sequence[tuple[str, str]] = (),
-        body: bytes | None = None,
+        body: object = None,
         content_type: str = "application/json",
         client_timeout: aiohttp.ClientTimeout | None = None,
     ) -> aiohttp.ClientResponse:
+        # Bodies are Python objects: the client serialises them (writes are rare; reads use orjson).
         headers = {"Accept": "application/json", "Content-Type": content_type}
         headers["User-Agent"] = USER_AGENT
         try:
@@ -194,18 +195,26 @@ class Api:
     async def create(self, path: str, body: Mapping[str, Any]) -> RawObject:
         params = [("fieldManager", FIELD_MANAGER)]
         return cast(
-            RawObject, await self._json("POST", path, params=params, body=orjson.dumps(body))
+            RawObject, await self._json("POST", path, params=params, body=dict(body))
         )
 
-    async def delete(self, path: str, *, propagation: str = "Background") -> None:
-        body = orjson.dumps({"propagationPolicy": propagation})
-        await self._json("DELETE", path, body=body)
+    async def delete(
+        self,
+        path: str,
+        *,
+        propagation: str = "Background",
+        preconditions: Mapping[str, str] | None = None,
+    ) -> None:
+        """DELETE; with ``preconditions`` (uid, resourceVersion) only that very version goes."""
+        options: dict[str, Any] = {"propagationPolicy": propagation}
+        if preconditions:
+            options["preconditions"] = dict(preconditions)
+        await self._json("DELETE", path, body=options)
 
     async def patch(self, path: str, patch: Any, *, patch_type: PatchType) -> RawObject:
         params = [("fieldManager", FIELD_MANAGER)]
-        data = orjson.dumps(patch)
         content_type = _PATCH_CONTENT_TYPES[patch_type]
-        raw = await self._json("PATCH", path, params=params, body=data, content_type=content_type)
+        raw = await self._json("PATCH", path, params=params, body=patch, content_type=content_type)
         return cast(RawObject, raw)
 
     async def watch(
@@ -224,15 +233,25 @@ class Api:
         async with response:
             if response.status != 200:
                 raise classify(response.status, await response.read())
+            # Split lines ourselves: aiohttp's readline() refuses lines over 64 KiB, and one event
+            # carrying a large ConfigMap is a single line far longer than that.
+            pending = bytearray()
             while True:
                 try:
-                    line = await response.content.readline()
+                    chunk = await response.content.readany()
                 except (TimeoutError, aiohttp.ClientError) as error:
                     raise ApiUnavailable(0, "WatchStalled", repr(error)) from error
-                if not line:
+                if not chunk:
+                    if pending.strip():
+                        yield cast(RawWatchEvent, orjson.loads(pending))
                     return
-                if line.strip():
-                    yield cast(RawWatchEvent, orjson.loads(line))
+                pending += chunk
+                start = 0
+                while (end := pending.find(b"\n", start)) >= 0:
+                    if end > start:
+                        yield cast(RawWatchEvent, orjson.loads(pending[start:end]))
+                    start = end + 1
+                del pending[:start]
 
 
 async def connect(*, kubeconfig: str | None) -> Api:
@@ -241,7 +260,7 @@ async def connect(*, kubeconfig: str | None) -> Api:
     if kubeconfig:
         await config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
     elif os.environ.get("KUBERNETES_SERVICE_HOST"):
-        config.load_incluster_config(client_configuration=configuration)
+        config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
     else:
         try:
             await config.load_kube_config(client_configuration=configuration)

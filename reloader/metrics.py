@@ -82,7 +82,9 @@ class _ByNamespaceCollector(Collector):
         self._counts = counts
 
     def collect(self) -> Iterator[Metric]:
-        metric = Metric(self.NAME, "Workload restarts attempted, by success and namespace.", "unknown")
+        metric = Metric(
+            self.NAME, "Workload restarts attempted, by success and namespace.", "unknown"
+        )
         for (success, namespace), count in sorted(self._counts.items()):
             metric.add_sample(self.NAME, {"success": success, "namespace": namespace}, count)
         yield metric

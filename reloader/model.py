@@ -14,7 +14,11 @@ from typing import Any, Literal, NotRequired, TypedDict
 ConfigKind = Literal["ConfigMap", "Secret"]
 CONFIG_KINDS: tuple[ConfigKind, ...] = ("ConfigMap", "Secret")
 
-WorkloadKindName = Literal["Deployment", "StatefulSet", "DaemonSet"]
+WorkloadKindName = Literal["Deployment", "StatefulSet", "DaemonSet", "CronJob", "Job", "Rollout"]
+
+RestartMethod = Literal["template", "create-job", "recreate", "rollout"]
+"""How a kind is restarted: patch its pod template; create a Job from a CronJob's jobTemplate;
+delete and recreate a Job; or an Argo Rollout (template patch, or ``spec.restartAt``)."""
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -81,6 +85,7 @@ class RawMetadata(TypedDict, total=False):
     labels: dict[str, str]
     annotations: dict[str, str]
     creationTimestamp: str
+    ownerReferences: list[dict[str, Any]]
 
 
 class RawObject(TypedDict, total=False):
@@ -150,35 +155,68 @@ CONFIG_RESOURCES: dict[ConfigKind, Resource] = {"ConfigMap": CONFIGMAPS, "Secret
 
 @dataclass(frozen=True, slots=True)
 class WorkloadKind:
-    """One row per workload kind: where it lives and where its pod template sits.
+    """One row per workload kind: where it lives, where its pod template sits, how it restarts.
 
     ``pod_template_path`` is the chain of keys from the object's root to the pod template
     (``spec.template`` for Deployments); the patch builder and the reference finder both follow it,
     so a kind with a deeper template (a CronJob's ``spec.jobTemplate.spec.template``) is one row.
+    ``strategic_merge`` is False for custom resources, which accept only JSON merge patches.
+    ``optional`` kinds (a CRD) may be absent from the server; that is not an error.
+    ``setting_name`` is how ``--ignored-workload-types`` names the kind.
     """
 
     name: WorkloadKindName
     resource: Resource
     pod_template_path: tuple[str, ...]
+    restart: RestartMethod = "template"
+    strategic_merge: bool = True
+    optional: bool = False
 
+    @property
+    def setting_name(self) -> str:
+        return self.resource.plural
+
+
+_APPS, _BATCH = ("apps", "v1"), ("batch", "v1")
 
 KINDS: dict[WorkloadKindName, WorkloadKind] = {
     "Deployment": WorkloadKind(
         name="Deployment",
-        resource=Resource(group="apps", version="v1", plural="deployments", kind="Deployment"),
+        resource=Resource(*_APPS, plural="deployments", kind="Deployment"),
         pod_template_path=("spec", "template"),
     ),
     "StatefulSet": WorkloadKind(
         name="StatefulSet",
-        resource=Resource(group="apps", version="v1", plural="statefulsets", kind="StatefulSet"),
+        resource=Resource(*_APPS, plural="statefulsets", kind="StatefulSet"),
         pod_template_path=("spec", "template"),
     ),
     "DaemonSet": WorkloadKind(
         name="DaemonSet",
-        resource=Resource(group="apps", version="v1", plural="daemonsets", kind="DaemonSet"),
+        resource=Resource(*_APPS, plural="daemonsets", kind="DaemonSet"),
         pod_template_path=("spec", "template"),
     ),
+    "CronJob": WorkloadKind(
+        name="CronJob",
+        resource=Resource(*_BATCH, plural="cronjobs", kind="CronJob"),
+        pod_template_path=("spec", "jobTemplate", "spec", "template"),
+        restart="create-job",
+    ),
+    "Job": WorkloadKind(
+        name="Job",
+        resource=Resource(*_BATCH, plural="jobs", kind="Job"),
+        pod_template_path=("spec", "template"),
+        restart="recreate",
+    ),
+    "Rollout": WorkloadKind(
+        name="Rollout",
+        resource=Resource("argoproj.io", "v1alpha1", plural="rollouts", kind="Rollout"),
+        pod_template_path=("spec", "template"),
+        restart="rollout",
+        strategic_merge=False,
+        optional=True,
+    ),
 }
+JOBS = KINDS["Job"].resource
 
 
 def pod_template(obj: RawObject, kind: WorkloadKind) -> dict[str, Any]:

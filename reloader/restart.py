@@ -1,45 +1,57 @@
-"""Workers: a workload key → current state → decision → at most one patch, plus an Event.
+"""Workers: a workload key → current state → decision → at most one restart, plus an Event.
 
 ``Restarter.sync`` is the analogue of sample-controller's ``syncHandler``: it reads the *current*
 snapshots (never the event that caused the key to be queued), decides, and writes. It returns how
-long to wait before looking again (a restart held back by the per-workload minimum interval or the
-global restart rate) or raises; ``run_worker`` turns that into queue operations, so the retry
-policy lives in one place.
+long to wait before looking again (a restart held back by the per-workload minimum interval, the
+global restart rate, or a pause period) or raises; ``run_worker`` turns that into queue operations,
+so the retry policy lives in one place.
 
-What is written, in one strategic-merge patch with field manager ``reloader``:
+The request bodies come from ``patches.py``; this module only chooses and sends them:
 
-- restart: the pod-template annotation ``reloader.stakater.com/last-reloaded-from`` (Stakater's JSON
-  shape, naming the config that changed) and the workload-metadata record of digests, together, so a
-  restart is never done without being recorded (no duplicate after a crash between two writes);
-- record: the metadata annotation only, which never rolls pods.
+- Deployment, StatefulSet, DaemonSet: one strategic-merge patch that restarts and records together
+  (merge patch for Argo Rollouts, which are custom resources), so a restart is never done without
+  being recorded and a crash cannot cause a duplicate;
+- CronJob: create a Job from its jobTemplate (idempotent name), then record;
+- Job: delete that very Job (uid + resourceVersion preconditions) and create it again;
+- record only: the metadata annotation, which never rolls pods.
 
-Every patch carries the ``resourceVersion`` the decision was made on. If the workload changed since
-(or our own previous patch has not reached the cache yet) the server answers 409 and the key is
-retried against fresh state, so a stale cache can never cause a second restart.
+Every write is made against the ``resourceVersion`` the decision was made on. If the workload
+changed since (or our own previous patch has not reached the cache yet) the server answers 409 and
+the key is retried against fresh state, so a stale cache can never cause a second restart.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
-
 from reloader.decide import Decision, Dependency, decide, dependencies
-from reloader.digests import DigestKey, encode_record
-from reloader.kube import Api, ApiError, ApiNotFound
+from reloader.digests import DigestKey
+from reloader.kube import Api, ApiConflict, ApiError, ApiNotFound, PatchType
 from reloader.metrics import Metrics
 from reloader.model import (
-    CONFIG_KINDS,
     EVENTS,
+    JOBS,
     KINDS,
-    LAST_RELOADED_FROM,
-    RECORD_ANNOTATION,
     ConfigKind,
+    RawObject,
     WorkloadKey,
+    WorkloadKindName,
+)
+from reloader.patches import (
+    Strategy,
+    env_containers,
+    job_from_cronjob,
+    record_patch,
+    recreated_job,
+    restart_at_patch,
+    restart_patch,
+    template_change,
+    unpause_patch,
 )
 from reloader.queue import QueueShutDown, TokenBucket, WorkQueue
 from reloader.snapshots import ConfigSnapshot, WorkloadSnapshot
@@ -53,6 +65,8 @@ class RestartPolicy:
     reload_on_create: bool
     reload_on_delete: bool
     min_interval: float
+    strategy: Strategy = "annotations"
+    paused_at_annotation: str = "deployment.reloader.stakater.com/paused-at"
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,62 +77,25 @@ class Outcome:
     requeue_after: float = 0.0
 
 
-def _nested(path: tuple[str, ...], leaf: dict[str, Any]) -> dict[str, Any]:
-    body = leaf
-    for step in reversed(path):
-        body = {step: body}
-    return body
-
-
-def reload_marker(dep: Dependency, *, namespace: str, now: float) -> str:
-    """Stakater's ``last-reloaded-from`` JSON, with our digest in ``hash``."""
-    marker = {
-        "type": dep.kind.upper(),
-        "name": dep.name,
-        "namespace": namespace,
-        "hash": dep.digest or "",
-        "containerRefs": sorted(dep.containers),
-        "observedAt": int(now),
-    }
-    return orjson.dumps(marker).decode()
-
-
-def build_patch(
-    workload: WorkloadSnapshot, decision: Decision, deps: Mapping[str, Dependency], *, now: float
-) -> dict[str, Any]:
-    """The one patch for a decision; pure, so tests read exactly what reaches the server."""
-    assert decision.record is not None
-    metadata = {
-        "resourceVersion": workload.resource_version,
-        "annotations": {RECORD_ANNOTATION: encode_record(decision.record)},
-    }
-    patch: dict[str, Any] = {"metadata": metadata}
-    if decision.action == "restart":
-        trigger = deps.get(decision.triggers[0])
-        if trigger is None:  # a deleted config: name it with an empty hash, as Stakater does
-            kind, _, name = decision.triggers[0].partition("/")
-            trigger = Dependency(kind, name, None, frozenset())  # type: ignore[arg-type]
-        marker = reload_marker(trigger, namespace=workload.key.namespace, now=now)
-        template = {"metadata": {"annotations": {LAST_RELOADED_FROM: marker}}}
-        path = KINDS[workload.key.kind].pod_template_path
-        patch.update(_nested(path, template))
-    return patch
+JOB_RECREATE_TIMEOUT = 30.0
+"""How long to keep trying to create a Job again while the deleted one is still going away."""
 
 
 class Restarter:
-    """Turns a workload key into at most one write."""
+    """Turns a workload key into at most one restart (and the writes that record it)."""
 
     def __init__(
         self,
         *,
         api: Api,
-        workloads: Mapping[str, Informer[WorkloadSnapshot]],
+        workloads: Mapping[WorkloadKindName, Informer[WorkloadSnapshot]],
         configs: Mapping[ConfigKind, Informer[ConfigSnapshot]],
         digest_key: DigestKey,
         policy: RestartPolicy,
         restart_budget: TokenBucket,
         metrics: Metrics,
         changed_since: Callable[[WorkloadKey], float | None],
+        in_scope: Callable[[str], bool] = lambda namespace: True,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._api = api
@@ -129,16 +106,23 @@ class Restarter:
         self._budget = restart_budget
         self._metrics = metrics
         self._changed_since = changed_since
+        self._in_scope = in_scope
         self._clock = clock
         self._reported: dict[WorkloadKey, tuple[object, ...]] = {}
 
+    def current(self, key: WorkloadKey) -> WorkloadSnapshot | None:
+        informer = self._workloads.get(key.kind)
+        return informer.get(key.namespace, key.name) if informer is not None else None
+
     async def sync(self, key: WorkloadKey) -> Outcome:
-        workload = self._workloads[key.kind].get(key.namespace, key.name)
+        workload = self.current(key)
         if workload is None:
             self._reported.pop(key, None)
             return Outcome("gone")
+        if not self._in_scope(key.namespace):
+            return Outcome("out of scope")
         await self._report_problems(workload)
-        configs = {kind: self._configs[kind].in_namespace(key.namespace) for kind in CONFIG_KINDS}
+        configs = {kind: i.in_namespace(key.namespace) for kind, i in self._configs.items()}
         deps = dependencies(workload, configs, key=self._key)
         decision = decide(
             recorded=workload.recorded,
@@ -148,7 +132,7 @@ class Restarter:
             reload_on_delete=self._policy.reload_on_delete,
         )
         if decision.action == "nothing":
-            return Outcome("nothing")
+            return await self._pause_check(workload)
         if decision.action == "restart":
             wait = self._restart_wait(workload)
             if wait > 0:
@@ -165,26 +149,183 @@ class Restarter:
                 return remaining
         return self._budget.try_acquire()
 
+    # --- pause period (Deployments) -------------------------------------------------------------
+
+    def _pause_remaining(self, workload: WorkloadSnapshot) -> float | None:
+        """None if we did not pause it; else seconds until it should be resumed (<= 0: now)."""
+        if workload.paused_at is None or not workload.paused:
+            return None
+        period = workload.policy.pause_period or 0.0
+        return workload.paused_at + period - self._clock()
+
+    async def _pause_check(self, workload: WorkloadSnapshot) -> Outcome:
+        """Resume a Deployment we paused once its period is over. The state lives on the object,
+        so a controller restart in between changes nothing."""
+        remaining = self._pause_remaining(workload)
+        if remaining is None:
+            return Outcome("nothing")
+        if remaining > 0:
+            return Outcome("paused", requeue_after=remaining)
+        patch = unpause_patch(workload, paused_at_annotation=self._policy.paused_at_annotation)
+        try:
+            await self._patch(workload, patch, Decision("record", None, (), "pause period over"))
+        except RestartFailed as failure:
+            if isinstance(failure.error, ApiNotFound):
+                return Outcome("gone")
+            raise
+        log.info("resumed deployment after its pause period", extra=_fields(workload.key))
+        return Outcome("resumed")
+
+    def _pauses(self, workload: WorkloadSnapshot) -> bool:
+        return (
+            workload.key.kind == "Deployment"
+            and workload.policy.pause_period is not None
+            and not workload.paused
+        )
+
+    # --- writes ---------------------------------------------------------------------------------
+
+    async def _patch(
+        self, workload: WorkloadSnapshot, patch: dict[str, Any], decision: Decision
+    ) -> None:
+        key = workload.key
+        kind = KINDS[key.kind]
+        path = kind.resource.object_path(key.namespace, key.name)
+        patch_type: PatchType = "strategic" if kind.strategic_merge else "merge"
+        try:
+            await self._api.patch(path, patch, patch_type=patch_type)
+        except ApiError as error:
+            raise RestartFailed(key, decision, error) from error
+
     async def _write(
         self, workload: WorkloadSnapshot, decision: Decision, deps: Mapping[str, Dependency]
     ) -> Outcome:
         key = workload.key
-        patch = build_patch(workload, decision, deps, now=self._clock())
-        path = KINDS[key.kind].resource.object_path(key.namespace, key.name)
         try:
-            await self._api.patch(path, patch, patch_type="strategic")
-        except ApiNotFound:
-            return Outcome("gone")  # deleted since we read it; nothing left to restart
-        except ApiError as error:
+            if decision.action == "record":
+                await self._patch(workload, record_patch(workload, decision), decision)
+                log.info("recorded config digests", extra=_fields(key, reason=decision.reason))
+                self._metrics.records.inc()
+                return Outcome(
+                    "record", requeue_after=max(0.0, self._pause_remaining(workload) or 0)
+                )
+            await self._restart(workload, decision, deps)
+        except RestartFailed as failure:
+            if isinstance(failure.error, ApiNotFound):
+                return Outcome("gone")  # deleted since we read it; nothing left to restart
             if decision.action == "restart":
                 self._metrics.count_reload(namespace=key.namespace, success=False)
-            raise RestartFailed(key, decision, error) from error
-        if decision.action == "record":
-            log.info("recorded config digests", extra=_fields(key, reason=decision.reason))
-            self._metrics.records.inc()
-            return Outcome("record")
+            raise
         await self._restarted(workload, decision)
-        return Outcome("restart")
+        remaining = workload.policy.pause_period if self._pauses(workload) else None
+        remaining = remaining if remaining is not None else self._pause_remaining(workload)
+        return Outcome("restart", requeue_after=max(0.0, remaining or 0.0))
+
+    async def _restart(
+        self, workload: WorkloadSnapshot, decision: Decision, deps: Mapping[str, Dependency]
+    ) -> None:
+        kind, now, strategy = KINDS[workload.key.kind], self._clock(), self._policy.strategy
+        if kind.restart == "create-job":
+            await self._run_cronjob(workload, decision, deps, now=now)
+        elif kind.restart == "recreate":
+            await self._recreate_job(workload, decision, deps, now=now)
+        elif kind.restart == "rollout" and workload.policy.rollout_strategy == "restart":
+            await self._patch(workload, restart_at_patch(workload, decision, now=now), decision)
+        elif kind.restart == "rollout" and strategy == "env-vars":
+            await self._rollout_env_vars(workload, decision, deps, now=now)
+        else:
+            pause = self._policy.paused_at_annotation if self._pauses(workload) else None
+            patch = restart_patch(
+                workload, decision, deps, strategy=strategy, now=now, pause_annotation=pause
+            )
+            await self._patch(workload, patch, decision)
+
+    async def _get(self, workload: WorkloadSnapshot, decision: Decision) -> RawObject:
+        """The full object, only for kinds whose restart needs more than the snapshot holds."""
+        key = workload.key
+        path = KINDS[key.kind].resource.object_path(key.namespace, key.name)
+        try:
+            obj = await self._api.get(path)
+        except ApiError as error:
+            raise RestartFailed(key, decision, error) from error
+        if obj.get("metadata", {}).get("resourceVersion") != workload.resource_version:
+            conflict = ApiConflict(409, "Conflict", "changed since the decision; deciding again")
+            raise RestartFailed(key, decision, conflict)
+        return obj
+
+    async def _run_cronjob(
+        self,
+        workload: WorkloadSnapshot,
+        decision: Decision,
+        deps: Mapping[str, Dependency],
+        *,
+        now: float,
+    ) -> None:
+        """Create a Job from the CronJob now, then record. The Job's name comes from the record, so
+        a crash or retry between the two steps yields 409 on the second create, not a second run."""
+        cronjob = await self._get(workload, decision)
+        change = template_change(workload, decision, deps, strategy=self._policy.strategy, now=now)
+        job = job_from_cronjob(cronjob, change, record=decision)
+        try:
+            await self._api.create(JOBS.collection_path(workload.key.namespace), job)
+        except ApiConflict:
+            log.info("job for this change already exists", extra=_fields(workload.key))
+        except ApiError as error:
+            raise RestartFailed(workload.key, decision, error) from error
+        await self._patch(workload, record_patch(workload, decision), decision)
+
+    async def _recreate_job(
+        self,
+        workload: WorkloadSnapshot,
+        decision: Decision,
+        deps: Mapping[str, Dependency],
+        *,
+        now: float,
+    ) -> None:
+        """Delete the Job (only the very instance decided on: uid and resourceVersion
+        preconditions) and create it again with the new record. This reruns it."""
+        key = workload.key
+        job = await self._get(workload, decision)
+        change = template_change(workload, decision, deps, strategy=self._policy.strategy, now=now)
+        body = recreated_job(job, change, record=decision)
+        path = JOBS.object_path(key.namespace, key.name)
+        try:
+            await self._api.delete(
+                path,
+                propagation="Background",
+                preconditions={"uid": workload.uid, "resourceVersion": workload.resource_version},
+            )
+        except ApiError as error:
+            raise RestartFailed(key, decision, error) from error
+        deadline = time.monotonic() + JOB_RECREATE_TIMEOUT
+        while True:
+            try:
+                await self._api.create(JOBS.collection_path(key.namespace), body)
+                return
+            except ApiConflict as error:  # the old Job is still being removed
+                if time.monotonic() > deadline:
+                    raise RestartFailed(key, decision, error) from error
+                await asyncio.sleep(0.2)
+            except ApiError as error:
+                raise RestartFailed(key, decision, error) from error
+
+    async def _rollout_env_vars(
+        self,
+        workload: WorkloadSnapshot,
+        decision: Decision,
+        deps: Mapping[str, Dependency],
+        *,
+        now: float,
+    ) -> None:
+        """Rollouts take merge patches only, which replace lists whole: send every container."""
+        rollout = await self._get(workload, decision)
+        change = template_change(workload, decision, deps, strategy="env-vars", now=now)
+        spec: dict[str, Any] = dict(rollout.get("spec") or {})
+        pod_spec = (spec.get("template") or {}).get("spec") or {}
+        containers = env_containers(list(pod_spec.get("containers") or []), change)
+        patch = record_patch(workload, decision)
+        patch["spec"] = {"template": {"spec": {"containers": containers}}}
+        await self._patch(workload, patch, decision)
 
     async def _restarted(self, workload: WorkloadSnapshot, decision: Decision) -> None:
         key = workload.key
@@ -297,7 +438,7 @@ async def _failed(
     log.error("write failed for good", extra=_fields(key, error=str(error)))
     metrics.action_total.labels(workload_kind=key.kind, result="error").inc()
     queue.forget(key)
-    workload = restarter._workloads[key.kind].get(key.namespace, key.name)
+    workload = restarter.current(key)
     if workload is not None:
         message = f"{failure.decision.action} failed: {error}"
         await restarter.emit_event(workload, reason="ReloadFail", message=message, warning=True)

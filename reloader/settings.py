@@ -20,8 +20,10 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from reloader.annotations import AnnotationNames
+from reloader.model import KINDS, WorkloadKind
 
 CommaList = Annotated[list[str], NoDecode]
+WORKLOAD_TYPE_NAMES = tuple(sorted(kind.setting_name for kind in KINDS.values()))
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
 
@@ -105,6 +107,51 @@ class Settings(BaseSettings):
     stall_timeout_seconds: float = Field(
         default=70.0, gt=0, description="Reconnect a watch that sent nothing for this long."
     )
+    namespace_selector: CommaList = Field(
+        default_factory=list,
+        **_flag(
+            "--namespace-selector",
+            "Only namespaces whose labels match (k:v, k=v, k:* or selector syntax; ANDed).",
+        ),
+    )
+    resource_label_selector: CommaList = Field(
+        default_factory=list,
+        **_flag(
+            "--resource-label-selector",
+            "Only ConfigMaps/Secrets whose labels match (same syntax; applied server-side).",
+        ),
+    )
+    resources_to_ignore: CommaList = Field(
+        default_factory=list,
+        **_flag("--resources-to-ignore", "Ignore 'configmaps' or 'secrets' entirely."),
+    )
+    ignored_workload_types: CommaList = Field(
+        default_factory=list,
+        **_flag(
+            "--ignored-workload-types",
+            "Workload kinds never restarted: jobs, cronjobs (also deployments, statefulsets, "
+            "daemonsets, rollouts).",
+        ),
+    )
+    reload_strategy: Literal["annotations", "env-vars"] = Field(
+        default="annotations",
+        **_flag(
+            "--reload-strategy",
+            "annotations (pod-template annotation) or env-vars (STAKATER_<NAME>_<KIND> env var).",
+        ),
+    )
+    is_argo_rollouts: bool = Field(
+        default=False,
+        **_flag("--is-Argo-Rollouts", "Also watch and restart Argo Rollouts (if the CRD exists)."),
+    )
+    pause_deployment_annotation: str = Field(
+        default="deployment.reloader.stakater.com/pause-period",
+        **_flag("--pause-deployment-annotation", "Rename the pause-period annotation."),
+    )
+    pause_deployment_time_annotation: str = Field(
+        default="deployment.reloader.stakater.com/paused-at",
+        **_flag("--pause-deployment-time-annotation", "Rename the paused-at annotation."),
+    )
     auto_annotation: str = Field(
         default="reloader.stakater.com/auto", **_flag("--auto-annotation", "Rename 'auto'.")
     )
@@ -136,7 +183,15 @@ class Settings(BaseSettings):
         default="reloader.stakater.com/ignore", **_flag("--ignore-annotation", "Rename 'ignore'.")
     )
 
-    @field_validator("namespaces", "namespaces_to_ignore", mode="before")
+    @field_validator(
+        "namespaces",
+        "namespaces_to_ignore",
+        "namespace_selector",
+        "resource_label_selector",
+        "resources_to_ignore",
+        "ignored_workload_types",
+        mode="before",
+    )
     @classmethod
     def _split_comma_list(cls, value: object) -> object:
         if isinstance(value, str):
@@ -151,6 +206,34 @@ class Settings(BaseSettings):
             raise ValueError(f"not a namespace name: {', '.join(bad)}")
         return sorted(set(value))
 
+    @field_validator("namespace_selector", "resource_label_selector")
+    @classmethod
+    def _valid_selectors(cls, value: list[str]) -> list[str]:
+        for item in value:
+            label_selector([item])  # raises ValueError with the offending item
+        return value
+
+    @field_validator("resources_to_ignore")
+    @classmethod
+    def _one_config_kind_at_most(cls, value: list[str]) -> list[str]:
+        lowered = sorted({item.lower() for item in value})
+        unknown = [item for item in lowered if item not in ("configmaps", "secrets")]
+        if unknown:
+            raise ValueError(f"unknown resource {', '.join(unknown)} (use configmaps or secrets)")
+        if len(lowered) > 1:
+            raise ValueError("cannot ignore both configmaps and secrets: nothing would be watched")
+        return lowered
+
+    @field_validator("ignored_workload_types")
+    @classmethod
+    def _known_workload_types(cls, value: list[str]) -> list[str]:
+        lowered = sorted({item.lower() for item in value})
+        unknown = [item for item in lowered if item not in WORKLOAD_TYPE_NAMES]
+        if unknown:
+            known = ", ".join(WORKLOAD_TYPE_NAMES)
+            raise ValueError(f"unknown workload type {', '.join(unknown)} (use {known})")
+        return lowered
+
     @model_validator(mode="after")
     def _single_namespace_from_stakater_env(self) -> Settings:
         """Stakater's ``KUBERNETES_NAMESPACE`` selects single-namespace mode when no list is set."""
@@ -163,6 +246,23 @@ class Settings(BaseSettings):
     def cluster_wide(self) -> bool:
         return not self.namespaces
 
+    @property
+    def config_label_selector(self) -> str | None:
+        return label_selector(self.resource_label_selector) or None
+
+    @property
+    def namespace_label_selector(self) -> str | None:
+        return label_selector(self.namespace_selector) or None
+
+    def watches_config(self, kind: str) -> bool:
+        """False for the kind named in ``--resources-to-ignore``."""
+        return f"{kind.lower()}s" not in self.resources_to_ignore
+
+    def watches_workload(self, kind: WorkloadKind) -> bool:
+        if kind.setting_name in self.ignored_workload_types:
+            return False
+        return not kind.optional or self.is_argo_rollouts
+
     def annotation_names(self) -> AnnotationNames:
         """The annotation keys in force, after any renaming flags."""
         return AnnotationNames(
@@ -174,7 +274,34 @@ class Settings(BaseSettings):
             search=self.auto_search_annotation,
             match=self.search_match_annotation,
             ignore=self.ignore_annotation,
+            pause_period=self.pause_deployment_annotation,
+            paused_at=self.pause_deployment_time_annotation,
         )
+
+
+_SELECTOR_ITEM = re.compile(
+    r"^!?[A-Za-z0-9]([-A-Za-z0-9_./]*[A-Za-z0-9])?"
+    r"(\s*(=|==|!=)\s*[-A-Za-z0-9_.]*"
+    r"|\s+(in|notin)\s+\([-A-Za-z0-9_., ]*\))?$"
+)
+
+
+def _selector_item(item: str) -> str:
+    """Stakater's forms (``k:v``, ``k:*``, ``k=*``) become Kubernetes selector syntax."""
+    item = item.strip()
+    key, colon, value = item.partition(":")
+    if colon and "=" not in item and "(" not in item:
+        item = key.strip() if value.strip() == "*" else f"{key.strip()}={value.strip()}"
+    elif item.endswith("=*") and item.count("=") == 1:
+        item = item[:-2].strip()
+    if not _SELECTOR_ITEM.match(item):
+        raise ValueError(f"not a label selector: {item!r}")
+    return item
+
+
+def label_selector(items: Sequence[str]) -> str:
+    """One server-side ``labelSelector`` from a list of items, ANDed (commas)."""
+    return ",".join(_selector_item(item) for item in items if item.strip())
 
 
 class SettingsError(Exception):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 
 import orjson
 
@@ -51,9 +52,15 @@ class WorkloadSnapshot:
     problems: tuple[Problem, ...]
     recorded: Recorded | None
     last_restart_at: float | None
-    first_container: str | None
+    containers: tuple[str, ...]
+    paused: bool = False
+    paused_at: float | None = None
     resource_version: str = field(compare=False, default="")
     uid: str = field(compare=False, default="")
+
+    @property
+    def first_container(self) -> str | None:
+        return self.containers[0] if self.containers else None
 
     def reference_to(self, kind: ConfigKind, name: str) -> ConfigRef | None:
         for ref in self.references:
@@ -105,6 +112,24 @@ def _restart_time(template_annotations: Mapping[str, str]) -> float | None:
     return None
 
 
+def _container_names(pod_spec: object) -> tuple[str, ...]:
+    containers = pod_spec.get("containers") if isinstance(pod_spec, dict) else None
+    if not isinstance(containers, list):
+        return ()
+    return tuple(
+        c["name"] for c in containers if isinstance(c, dict) and isinstance(c.get("name"), str)
+    )
+
+
+def _rfc3339(value: str | None) -> float | None:
+    """Seconds since the epoch of an RFC 3339 time such as ``2026-01-02T03:04:05Z``."""
+    if not value:
+        return None
+    with contextlib.suppress(ValueError):
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    return None
+
+
 def workload_snapshot(
     kind: WorkloadKind, obj: RawObject, *, context: SnapshotContext
 ) -> WorkloadSnapshot:
@@ -119,8 +144,7 @@ def workload_snapshot(
         auto_reload_all=context.auto_reload_all,
     )
     pod_spec = template.get("spec") if isinstance(template.get("spec"), dict) else {}
-    containers = pod_spec.get("containers") if isinstance(pod_spec, dict) else None
-    first = containers[0].get("name") if isinstance(containers, list) and containers else None
+    spec = obj.get("spec")
     return WorkloadSnapshot(
         key=WorkloadKey(kind.name, metadata.get("namespace", ""), metadata.get("name", "")),
         references=find_references(pod_spec or {}) if policy.opted_in else frozenset(),
@@ -128,7 +152,9 @@ def workload_snapshot(
         problems=problems,
         recorded=decode_record(_annotations(obj).get(RECORD_ANNOTATION)),
         last_restart_at=_restart_time(template_annotations),
-        first_container=first if isinstance(first, str) else None,
+        containers=_container_names(pod_spec),
+        paused=isinstance(spec, dict) and spec.get("paused") is True,
+        paused_at=_rfc3339(_annotations(obj).get(context.names.paused_at)),
         resource_version=metadata.get("resourceVersion", ""),
         uid=metadata.get("uid", ""),
     )

@@ -20,8 +20,8 @@ behind it:
 
 Raw objects are turned into snapshots by ``transform`` before they are stored (the values of
 ConfigMaps and Secrets never reach the store), and subscribers are told ``(old, new)`` in watch
-order only when the snapshot actually changed. A subscriber must not block: the index updates itself and
-enqueues keys.
+order only when the snapshot actually changed. A subscriber must not block: the index updates
+itself and enqueues keys.
 
 Several namespaces (scoped mode) run one reflector each over one shared store.
 """
@@ -34,9 +34,9 @@ import random
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar, cast
 
-from reloader.kube import Api, ApiError, ApiGone, classify
+from reloader.kube import Api, ApiError, ApiGone, ApiNotFound, classify
 from reloader.model import ObjectKey, RawObject, Resource
 
 log = logging.getLogger("reloader.watch")
@@ -46,6 +46,8 @@ T_contra = TypeVar("T_contra", contravariant=True)
 
 ALL_NAMESPACES: None = None
 PAGE_SIZE = 500
+ABSENT_RECHECK_SECONDS = 30.0
+"""How often an optional kind (a CRD) that the server does not serve is looked for again."""
 
 
 class Subscriber(Protocol[T_contra]):
@@ -109,6 +111,7 @@ class Informer(Generic[T]):
         namespace_filter: Callable[[str], bool] | None = None,
         stall_timeout: float = 70.0,
         watch_timeout_range: tuple[int, int] = (300, 600),
+        optional: bool = False,
     ) -> None:
         self.resource = resource
         self._api = api
@@ -118,6 +121,7 @@ class Informer(Generic[T]):
         self._namespace_filter = namespace_filter
         self._stall_timeout = stall_timeout
         self._watch_timeout_range = watch_timeout_range
+        self._optional = optional
         self._store: dict[str, dict[str, T]] = {}
         self._subscribers: list[Subscriber[T]] = []
         self._synced_scopes: set[str | None] = set()
@@ -181,19 +185,37 @@ class Informer(Generic[T]):
                 resource_version = await self._watch(namespace, resource_version)
             except _Relist:
                 resource_version = await self._relist_or_none(namespace, resource_version)
+            except ApiNotFound as error:
+                if not self._optional:
+                    await self._retry_after(error, namespace, backoff)
+                    continue
+                # A kind from a CRD that is not installed: nothing to cache, not an error. Look
+                # again now and then, so installing the CRD later is picked up.
+                if namespace not in self._synced_scopes:
+                    log.info(
+                        "resource not served; will check again",
+                        extra={"kind": self.resource.kind, "retry_in": ABSENT_RECHECK_SECONDS},
+                    )
+                self._remove_unlisted(namespace, set())
+                self._mark_synced(namespace)
+                resource_version = None
+                await asyncio.sleep(ABSENT_RECHECK_SECONDS)
             except ApiError as error:
-                self._restarts += 1
-                delay = backoff.next_delay()
-                log.warning(
-                    "watch failed; retrying",
-                    extra={
-                        "kind": self.resource.kind,
-                        "namespace": namespace or "*",
-                        "error": str(error),
-                        "retry_in": round(delay, 2),
-                    },
-                )
-                await asyncio.sleep(delay)
+                await self._retry_after(error, namespace, backoff)
+
+    async def _retry_after(self, error: ApiError, namespace: str | None, backoff: Backoff) -> None:
+        self._restarts += 1
+        delay = backoff.next_delay()
+        log.warning(
+            "watch failed; retrying",
+            extra={
+                "kind": self.resource.kind,
+                "namespace": namespace or "*",
+                "error": str(error),
+                "retry_in": round(delay, 2),
+            },
+        )
+        await asyncio.sleep(delay)
 
     async def _relist_or_none(self, namespace: str | None, last: str | None) -> str | None:
         """Relist after 410: from the last resourceVersion, then (if that is gone too) from ""."""
@@ -211,15 +233,20 @@ class Informer(Generic[T]):
         return [("labelSelector", self._label_selector)] if self._label_selector else []
 
     async def _list(self, namespace: str | None, *, resume_from: str | None) -> str:
-        """LIST the scope into the store; returns the list's resourceVersion."""
+        """LIST the scope into the store; returns the list's resourceVersion.
+
+        Each page is reduced to snapshots as it arrives, so a relist of 10k Secrets never holds
+        more than one page of raw objects; objects not seen in any page are then removed.
+        """
         path = self.resource.collection_path(namespace)
-        items: list[RawObject] = []
+        listed: set[ObjectKey] = set()
         params = self._base_params()
         if resume_from:
             # Served from the watch cache, not older than what we had; client-go does not page it.
             params += [("resourceVersion", resume_from), ("resourceVersionMatch", "NotOlderThan")]
             page = await self._api.list_page(path, params=params)
-            items, version = page.get("items") or [], page["metadata"]["resourceVersion"]
+            self._upsert_page(page.get("items") or [], listed)
+            version = page["metadata"]["resourceVersion"]
         else:
             version, continue_token = "", ""
             while True:
@@ -227,13 +254,13 @@ class Informer(Generic[T]):
                 if continue_token:
                     page_params.append(("continue", continue_token))
                 page = await self._api.list_page(path, params=page_params)
-                items.extend(page.get("items") or [])
+                self._upsert_page(page.get("items") or [], listed)
                 version = page["metadata"]["resourceVersion"]
                 continue_token = page["metadata"].get("continue") or ""
                 if not continue_token:
                     break
         self._contact()
-        self._replace(namespace, items)
+        self._remove_unlisted(namespace, listed)
         self._mark_synced(namespace)
         return str(version)
 
@@ -269,7 +296,7 @@ class Informer(Generic[T]):
             return str(version) if version else None
         self._events += 1
         if kind in ("ADDED", "MODIFIED"):
-            self._upsert(obj)
+            self._upsert(cast(RawObject, obj))
         elif kind == "DELETED":
             metadata = obj.get("metadata") or {}
             self._remove(metadata.get("namespace", ""), metadata.get("name", ""))
@@ -323,16 +350,18 @@ class Informer(Generic[T]):
         if old is not None:
             self._notify(old, None)
 
-    def _replace(self, namespace: str | None, items: list[RawObject]) -> None:
-        listed: set[ObjectKey] = set()
+    def _upsert_page(self, items: list[RawObject], listed: set[ObjectKey]) -> None:
         for obj in items:
             metadata = obj.get("metadata", {})
             listed.add(ObjectKey(metadata.get("namespace", ""), metadata.get("name", "")))
             self._upsert(obj)
+
+    def _remove_unlisted(self, namespace: str | None, listed: set[ObjectKey]) -> None:
+        """Synthesise deletes for objects that vanished while we were not watching."""
         scope = [namespace] if namespace is not None else list(self._store)
         for ns in scope:
             for name in [n for n in self._store.get(ns, {}) if ObjectKey(ns, n) not in listed]:
-                self._remove(ns, name)  # vanished while we were not watching
+                self._remove(ns, name)
 
     def _notify(self, old: T | None, new: T | None) -> None:
         for subscriber in self._subscribers:

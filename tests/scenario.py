@@ -67,7 +67,10 @@ def deployment(
             "replicas": 1,
             "selector": {"matchLabels": {"app": name}},
             "template": {
-                "metadata": {"labels": {"app": name}, "annotations": dict(template_annotations or {})},
+                "metadata": {
+                    "labels": {"app": name},
+                    "annotations": dict(template_annotations or {}),
+                },
                 "spec": pod_spec,
             },
         },
@@ -92,7 +95,10 @@ class Cluster:
     async def create_configmap(
         self, name: str, data: Mapping[str, str], *, annotations: Mapping[str, str] | None = None
     ) -> None:
-        body = {"metadata": {"name": name, "annotations": dict(annotations or {})}, "data": dict(data)}
+        body = {
+            "metadata": {"name": name, "annotations": dict(annotations or {})},
+            "data": dict(data),
+        }
         await self.api.create(CONFIGMAPS.collection_path(self.namespace), body)
 
     async def create_secret(self, name: str, data: Mapping[str, str]) -> None:
@@ -128,7 +134,9 @@ class Cluster:
         return [
             rs
             for rs in page.get("items", [])
-            if any(o.get("name") == deployment_name for o in rs["metadata"].get("ownerReferences", []))
+            if any(
+                o.get("name") == deployment_name for o in rs["metadata"].get("ownerReferences", [])
+            )
         ]
 
     async def events(self, reason: str) -> list[dict[str, Any]]:
@@ -150,7 +158,9 @@ class Cluster:
 
         await wait_for(enough, timeout=timeout, message=f"{count} ReplicaSets of {name}")
 
-    async def assert_replica_sets_stay(self, name: str, count: int, *, quiet: float = QUIET) -> None:
+    async def assert_replica_sets_stay(
+        self, name: str, count: int, *, quiet: float = QUIET
+    ) -> None:
         """Exactly ``count`` ReplicaSets now and after a quiet period (no late restart)."""
         await self.wait_replica_sets(name, count)
         await asyncio.sleep(quiet)

@@ -25,7 +25,9 @@ async def test_configmap_change_rolls_the_deployment_once(scene: Cluster) -> Non
     """
     await scene.create_configmap("app-config", {"level": "info"})
     await scene.create_workload(
-        deployment("web", annotations=AUTO, containers=[container(**env_from("ConfigMap", "app-config"))])
+        deployment(
+            "web", annotations=AUTO, containers=[container(**env_from("ConfigMap", "app-config"))]
+        )
     )
     await scene.start_controller()
     await scene.wait_recorded("web")
@@ -119,7 +121,9 @@ async def test_flapping_secret_is_held_to_the_minimum_interval(scene: Cluster) -
     """A Secret rewritten 20 times in a few seconds must not create 20 ReplicaSets."""
     await scene.create_secret("flappy", {"v": "0"})
     await scene.create_workload(
-        deployment("victim", annotations=AUTO, containers=[container(**env_from("Secret", "flappy"))])
+        deployment(
+            "victim", annotations=AUTO, containers=[container(**env_from("Secret", "flappy"))]
+        )
     )
     await scene.start_controller(debounce_seconds=0.05, min_restart_interval_seconds=30)
     await scene.wait_recorded("victim")
@@ -131,7 +135,9 @@ async def test_flapping_secret_is_held_to_the_minimum_interval(scene: Cluster) -
 
 
 def _volume(kind: str, name: str, **extra: Any) -> dict[str, Any]:
-    source = {"configMap": {"name": name}} if kind == "ConfigMap" else {"secret": {"secretName": name}}
+    source = (
+        {"configMap": {"name": name}} if kind == "ConfigMap" else {"secret": {"secretName": name}}
+    )
     for value in source.values():
         value.update(extra)
     return {"name": "v", **source}
@@ -140,42 +146,70 @@ def _volume(kind: str, name: str, **extra: Any) -> dict[str, Any]:
 MOUNT = {"volumeMounts": [{"name": "v", "mountPath": "/etc/cfg"}]}
 REFERENCES = [
     pytest.param(
-        {"containers": [container(**env_from("ConfigMap", "cfg"))]}, "ConfigMap", id="envFrom-configmap"
+        {"containers": [container(**env_from("ConfigMap", "cfg"))]},
+        "ConfigMap",
+        id="envFrom-configmap",
     ),
     pytest.param(
         {"containers": [container(**env_from("Secret", "cfg"))]}, "Secret", id="envFrom-secret"
     ),
     pytest.param(
-        {"containers": [container(env=[{"name": "A", "valueFrom": {
-            "configMapKeyRef": {"name": "cfg", "key": "a"}}}])]},
-        "ConfigMap", id="valueFrom-configmap",
+        {
+            "containers": [
+                container(
+                    env=[
+                        {"name": "A", "valueFrom": {"configMapKeyRef": {"name": "cfg", "key": "a"}}}
+                    ]
+                )
+            ]
+        },
+        "ConfigMap",
+        id="valueFrom-configmap",
     ),
     pytest.param(
-        {"containers": [container(env=[{"name": "A", "valueFrom": {
-            "secretKeyRef": {"name": "cfg", "key": "a"}}}])]},
-        "Secret", id="valueFrom-secret",
+        {
+            "containers": [
+                container(
+                    env=[{"name": "A", "valueFrom": {"secretKeyRef": {"name": "cfg", "key": "a"}}}]
+                )
+            ]
+        },
+        "Secret",
+        id="valueFrom-secret",
     ),
     pytest.param(
         {"containers": [container(**MOUNT)], "volumes": [_volume("ConfigMap", "cfg")]},
-        "ConfigMap", id="volume-configmap",
+        "ConfigMap",
+        id="volume-configmap",
     ),
     pytest.param(
         {"containers": [container(**MOUNT)], "volumes": [_volume("Secret", "cfg")]},
-        "Secret", id="volume-secret",
+        "Secret",
+        id="volume-secret",
     ),
     pytest.param(
-        {"containers": [container(**MOUNT)], "volumes": [{"name": "v", "projected": {"sources": [
-            {"configMap": {"name": "cfg"}}]}}]},
-        "ConfigMap", id="projected-configmap",
+        {
+            "containers": [container(**MOUNT)],
+            "volumes": [{"name": "v", "projected": {"sources": [{"configMap": {"name": "cfg"}}]}}],
+        },
+        "ConfigMap",
+        id="projected-configmap",
     ),
     pytest.param(
-        {"containers": [container(**MOUNT)], "volumes": [{"name": "v", "projected": {"sources": [
-            {"secret": {"name": "cfg"}}]}}]},
-        "Secret", id="projected-secret",
+        {
+            "containers": [container(**MOUNT)],
+            "volumes": [{"name": "v", "projected": {"sources": [{"secret": {"name": "cfg"}}]}}],
+        },
+        "Secret",
+        id="projected-secret",
     ),
     pytest.param(
-        {"containers": [container()], "init_containers": [container("init", **env_from("ConfigMap", "cfg"))]},
-        "ConfigMap", id="envFrom-in-initContainer",
+        {
+            "containers": [container()],
+            "init_containers": [container("init", **env_from("ConfigMap", "cfg"))],
+        },
+        "ConfigMap",
+        id="envFrom-in-initContainer",
     ),
 ]
 
@@ -203,7 +237,9 @@ async def test_every_reference_kind_triggers_a_restart(
 async def test_change_to_an_unused_key_does_not_restart(scene: Cluster) -> None:
     await scene.create_configmap("cfg", {"used": "1", "unused": "1"})
     env = [{"name": "U", "valueFrom": {"configMapKeyRef": {"name": "cfg", "key": "used"}}}]
-    await scene.create_workload(deployment("web", annotations=AUTO, containers=[container(env=env)]))
+    await scene.create_workload(
+        deployment("web", annotations=AUTO, containers=[container(env=env)])
+    )
     await scene.start_controller()
     await scene.wait_recorded("web")
 
@@ -256,7 +292,9 @@ async def test_invalid_annotation_is_reported_and_ignored(scene: Cluster) -> Non
     await scene.create_configmap("cfg", {"a": "1"})
     annotations = {"reloader.stakater.com/auto": "yes please"}
     await scene.create_workload(
-        deployment("web", annotations=annotations, containers=[container(**env_from("ConfigMap", "cfg"))])
+        deployment(
+            "web", annotations=annotations, containers=[container(**env_from("ConfigMap", "cfg"))]
+        )
     )
     await scene.start_controller()
 

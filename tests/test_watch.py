@@ -1,0 +1,195 @@
+"""The informer against a real API server: paged list, watch, 410 relist, stall watchdog.
+
+Faults are real ones: the apiserver is stopped and started again (every watch breaks, the watch
+cache starts over so old resourceVersions are gone), an object is deleted straight from etcd while
+nobody watches, and the apiserver is frozen with SIGSTOP so its connections go silent. These need
+the local control plane; on other backends they are skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from typing import Any
+
+import pytest
+
+import reloader.watch
+from reloader.kube import Api
+from reloader.model import CONFIGMAPS, RawObject
+from reloader.watch import Informer
+from tests.conftest import TestCluster
+from tests.scenario import wait_for
+
+pytestmark = pytest.mark.cluster
+LABEL = {"suite": "watch"}
+
+
+def name_and_data(obj: RawObject) -> tuple[str, str]:
+    return obj["metadata"]["name"], str(sorted((obj.get("data") or {}).items()))
+
+
+class Recorder:
+    """A subscriber that keeps every notification."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[Any, Any]] = []
+
+    def __call__(self, old: Any, new: Any) -> None:
+        self.seen.append((old, new))
+
+    def deleted(self) -> set[str]:
+        return {old[0] for old, new in self.seen if new is None}
+
+
+async def create(api: Api, namespace: str, name: str, data: Mapping[str, str]) -> None:
+    body = {"metadata": {"name": name, "labels": LABEL}, "data": dict(data)}
+    await api.create(CONFIGMAPS.collection_path(namespace), body)
+
+
+@pytest.fixture
+async def informer(admin_api: Api, namespace: str) -> tuple[Informer[Any], Recorder]:
+    watched: Informer[tuple[str, str]] = Informer(
+        api=admin_api,
+        resource=CONFIGMAPS,
+        transform=name_and_data,
+        namespaces=[namespace],
+        label_selector="suite=watch",
+        stall_timeout=3,
+    )
+    recorder = Recorder()
+    watched.subscribe(recorder)
+    return watched, recorder
+
+
+async def run_until_synced(informer: Informer[Any]) -> asyncio.Task[None]:
+    task = asyncio.create_task(informer.run())
+    await asyncio.wait_for(informer.wait_synced(), timeout=30)
+    return task
+
+
+async def stop(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def test_lists_in_pages_then_follows_changes(
+    admin_api: Api, namespace: str, informer: tuple[Informer[Any], Recorder], monkeypatch: Any
+) -> None:
+    watched, recorder = informer
+    monkeypatch.setattr(reloader.watch, "PAGE_SIZE", 2)
+    for i in range(5):
+        await create(admin_api, namespace, f"cm-{i}", {"v": str(i)})
+    task = await run_until_synced(watched)
+    try:
+        assert len(watched) == 5
+        await create(admin_api, namespace, "late", {"v": "x"})
+        await admin_api.patch(
+            CONFIGMAPS.object_path(namespace, "cm-0"), {"data": {"v": "new"}}, patch_type="merge"
+        )
+        await admin_api.delete(CONFIGMAPS.object_path(namespace, "cm-1"))
+
+        async def caught_up() -> bool:
+            cm0 = watched.get(namespace, "cm-0")
+            return (
+                watched.get(namespace, "late") is not None
+                and cm0 is not None
+                and "new" in cm0[1]
+                and watched.get(namespace, "cm-1") is None
+            )
+
+        await wait_for(caught_up, message="informer follows create, update and delete")
+        assert recorder.deleted() == {"cm-1"}
+    finally:
+        await stop(task)
+
+
+async def test_label_only_change_is_not_notified(
+    admin_api: Api, namespace: str, informer: tuple[Informer[Any], Recorder]
+) -> None:
+    """Snapshots that compare equal are not passed on: no work for a change that cannot matter."""
+    watched, recorder = informer
+    await create(admin_api, namespace, "cm", {"v": "1"})
+    task = await run_until_synced(watched)
+    try:
+        before = len(recorder.seen)
+        path = CONFIGMAPS.object_path(namespace, "cm")
+        await admin_api.patch(path, {"metadata": {"labels": {"x": "y"}}}, patch_type="merge")
+        await admin_api.patch(path, {"data": {"v": "2"}}, patch_type="merge")
+
+        async def changed() -> bool:
+            return len(recorder.seen) > before
+
+        await wait_for(changed, message="data change seen")
+        assert len(recorder.seen) == before + 1
+    finally:
+        await stop(task)
+
+
+def local_plane(cluster: TestCluster) -> Any:
+    if cluster.plane is None:
+        pytest.skip("restarts the API server: local control plane only")
+    return cluster.plane
+
+
+async def test_relist_after_410_synthesises_deletes_missed_while_down(
+    cluster: TestCluster,
+    admin_api: Api,
+    namespace: str,
+    informer: tuple[Informer[Any], Recorder],
+) -> None:
+    """1. The informer watches configmaps a and b.
+    2. The apiserver stops; b is deleted straight from etcd; the apiserver starts again.
+    Result: the resumed watch gets 410 (its resourceVersion predates the new watch cache), the
+    informer relists and synthesises the delete of b it never saw as an event.
+    """
+    plane = local_plane(cluster)
+    watched, recorder = informer
+    await create(admin_api, namespace, "a", {"v": "1"})
+    await create(admin_api, namespace, "b", {"v": "1"})
+    task = await run_until_synced(watched)
+    try:
+        await asyncio.to_thread(plane.stop_apiserver)
+        assert await asyncio.to_thread(plane.etcd_delete, f"/registry/configmaps/{namespace}/b")
+        await asyncio.to_thread(plane.start_apiserver)
+
+        async def b_gone() -> bool:
+            return watched.get(namespace, "b") is None
+
+        await wait_for(b_gone, timeout=60, message="the delete made behind the watch is noticed")
+        assert recorder.deleted() == {"b"}
+        assert watched.get(namespace, "a") is not None
+        stats = watched.statistics()
+        assert stats.restarts >= 1, stats
+        assert stats.relists >= 1, stats
+    finally:
+        await stop(task)
+
+
+async def test_stall_watchdog_reconnects_a_silent_watch(
+    cluster: TestCluster,
+    admin_api: Api,
+    namespace: str,
+    informer: tuple[Informer[Any], Recorder],
+) -> None:
+    """A frozen apiserver keeps the TCP connection open and sends nothing; after the stall timeout
+    (3 s here) the informer drops the connection and reconnects, and misses nothing afterwards."""
+    plane = local_plane(cluster)
+    watched, _ = informer
+    task = await run_until_synced(watched)
+    try:
+        plane.freeze_apiserver()
+        try:
+            await asyncio.sleep(6)
+        finally:
+            plane.thaw_apiserver()
+        assert watched.statistics().restarts >= 1
+        await create(admin_api, namespace, "after", {"v": "1"})
+
+        async def seen() -> bool:
+            return watched.get(namespace, "after") is not None
+
+        await wait_for(seen, timeout=60, message="events after the stall")
+    finally:
+        await stop(task)
