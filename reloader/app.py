@@ -79,7 +79,7 @@ async def load_digest_key(api: Api, settings: Settings) -> DigestKey:
                 "cannot read the digest key secret; retrying",
                 extra={
                     "namespace": namespace,
-                    "name": name,
+                    "secret": name,
                     "error": str(error),
                     "retry_in": round(delay, 2),
                 },
@@ -103,7 +103,9 @@ async def _read_or_create_key(api: Api, path: str, namespace: str, name: str) ->
         }
         try:
             await api.create(SECRETS.collection_path(namespace), body)
-            log.info("created the digest key secret", extra={"namespace": namespace, "name": name})
+            log.info(
+                "created the digest key secret", extra={"namespace": namespace, "secret": name}
+            )
         except ApiConflict:
             pass
         secret = await api.get(path)

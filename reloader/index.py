@@ -35,6 +35,11 @@ def _exact_dependencies(workload: WorkloadSnapshot) -> frozenset[ConfigKey]:
     return frozenset(keys)
 
 
+def _needs_look(workload: WorkloadSnapshot) -> bool:
+    """Opted in; or invalid annotations to report; or paused by us and due to be resumed."""
+    return workload.policy.opted_in or bool(workload.problems) or workload.paused_at is not None
+
+
 class ReferenceIndex:
     """Forward (workload → configs) and reverse (config → workloads) maps."""
 
@@ -70,9 +75,7 @@ class ReferenceIndex:
             return frozenset()
         self._index(new)
         return (
-            frozenset({key})
-            if new.policy.opted_in or (old and old.policy.opted_in) or new.paused_at is not None
-            else frozenset()
+            frozenset({key}) if _needs_look(new) or (old and old.policy.opted_in) else frozenset()
         )
 
     def config_changed(

@@ -194,9 +194,7 @@ class Api:
 
     async def create(self, path: str, body: Mapping[str, Any]) -> RawObject:
         params = [("fieldManager", FIELD_MANAGER)]
-        return cast(
-            RawObject, await self._json("POST", path, params=params, body=dict(body))
-        )
+        return cast(RawObject, await self._json("POST", path, params=params, body=dict(body)))
 
     async def delete(
         self,

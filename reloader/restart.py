@@ -394,7 +394,8 @@ class RestartFailed(Exception):
 
 
 def _fields(key: WorkloadKey, **more: object) -> dict[str, object]:
-    return {"kind": key.kind, "namespace": key.namespace, "name": key.name, **more}
+    # ``name`` is a reserved LogRecord attribute, hence ``workload``.
+    return {"workload": f"{key.kind}/{key.name}", "namespace": key.namespace, **more}
 
 
 async def run_worker(

@@ -323,7 +323,7 @@ class Informer(Generic[T]):
                 extra={
                     "kind": self.resource.kind,
                     "namespace": metadata.get("namespace"),
-                    "name": metadata.get("name"),
+                    "object": metadata.get("name"),
                 },
             )
             return None

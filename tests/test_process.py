@@ -97,6 +97,8 @@ async def test_process_rolls_on_secret_rotation_and_exits_cleanly(
         await scene.assert_replica_sets_stay("api", 2)
         status, metrics = _get(port, "/metrics")
         assert status == 200
+    except AssertionError as error:
+        raise AssertionError(f"{error}\ncontroller log:\n{log_path.read_text()[-3000:]}") from None
     finally:
         process.send_signal(signal.SIGTERM)
         code = await asyncio.to_thread(process.wait, 30)
