@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Build etcd, kube-apiserver and kube-controller-manager from the Go module proxy.
+# Build etcd, kube-apiserver, kube-controller-manager and kubectl from the Go module proxy.
+# (kubectl is for the manifest tests: `kubectl kustomize` renders the overlays and
+# `kubectl apply --dry-run=server` checks them against this very apiserver version.)
 #
 # Why a wrapper module: k8s.io/kubernetes requires its staging modules at v0.0.0 and relies on
 # replace directives that do not apply to dependents, and `go install pkg@version` refuses modules
@@ -24,7 +26,9 @@ log() { echo "build-control-plane: $*" >&2; }
 
 is_built() {
   [ -x "$OUT/kube-apiserver" ] && [ -x "$OUT/kube-controller-manager" ] && [ -x "$OUT/etcd" ] \
+    && [ -x "$OUT/kubectl" ] \
     && "$OUT/kube-apiserver" --version 2>/dev/null | grep -qx "Kubernetes v$K8S_VERSION" \
+    && "$OUT/kubectl" version --client 2>/dev/null | grep -qx "Client Version: v$K8S_VERSION" \
     && "$OUT/etcd" --version 2>/dev/null | grep -q "etcd Version: ${ETCD_VERSION#v}"
 }
 
@@ -60,16 +64,21 @@ package tools
 import (
 	_ "k8s.io/kubernetes/cmd/kube-apiserver"
 	_ "k8s.io/kubernetes/cmd/kube-controller-manager"
+	_ "k8s.io/kubernetes/cmd/kubectl"
 )
 GO
   log "resolving k8s.io/kubernetes v$K8S_VERSION modules"
   go mod tidy -e >/dev/null 2>"$WORK/tidy.log" || { cat "$WORK/tidy.log" >&2; exit 1; }
-  local stamp="k8s.io/component-base/version"
-  local ldflags="-s -w -X $stamp.gitVersion=v$K8S_VERSION -X $stamp.gitMajor=1 -X $stamp.gitMinor=$MINOR"
-  ldflags="$ldflags -X $stamp.gitTreeState=clean -X $stamp.buildDate=1970-01-01T00:00:00Z"
-  log "building kube-apiserver and kube-controller-manager (a cold build takes 10-20 minutes)"
+  # Servers read their version from component-base, kubectl's client half from client-go: stamp both.
+  local ldflags="-s -w" stamp
+  for stamp in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    ldflags="$ldflags -X $stamp.gitVersion=v$K8S_VERSION -X $stamp.gitMajor=1 -X $stamp.gitMinor=$MINOR"
+    ldflags="$ldflags -X $stamp.gitTreeState=clean -X $stamp.buildDate=1970-01-01T00:00:00Z"
+  done
+  log "building kube-apiserver, kube-controller-manager and kubectl (a cold build takes 10-20 minutes)"
   go build -trimpath -ldflags "$ldflags" -o "$OUT/" \
-    k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager
+    k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
+    k8s.io/kubernetes/cmd/kubectl
 }
 
 build_etcd() {
