@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 from reloader.app import Controller
 from reloader.digests import DigestKey
 from reloader.kube import Api, ApiNotFound
-from reloader.model import CONFIGMAPS, EVENTS, KINDS, RECORD_ANNOTATION, SECRETS
+from reloader.model import CONFIGMAPS, EVENTS, KINDS, LAST_RELOADED_FROM, RECORD_ANNOTATION, SECRETS
 from reloader.settings import Settings
 
 T = TypeVar("T")
@@ -77,6 +77,34 @@ def deployment(
     }
 
 
+def workload(
+    kind: str,
+    name: str,
+    *,
+    annotations: Mapping[str, str] | None = None,
+    containers: list[dict[str, Any]] | None = None,
+    volumes: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """A minimal object of any supported kind around the same pod spec as ``deployment``."""
+    base = deployment(name, annotations=annotations, containers=containers, volumes=volumes)
+    template, spec = base["spec"]["template"], base["spec"]
+    if kind in ("Job", "CronJob"):
+        template["spec"]["restartPolicy"] = "Never"
+        template["metadata"].pop("labels")
+        job_spec = {"template": template, "backoffLimit": 0}
+        if kind == "Job":
+            return {**base, "apiVersion": "batch/v1", "kind": "Job", "spec": job_spec}
+        cron_spec = {"schedule": "0 0 1 1 *", "jobTemplate": {"spec": job_spec}}
+        return {**base, "apiVersion": "batch/v1", "kind": "CronJob", "spec": cron_spec}
+    if kind == "StatefulSet":
+        spec["serviceName"] = name
+    if kind == "DaemonSet":
+        spec.pop("replicas")
+    if kind == "Rollout":
+        return {**base, "apiVersion": "argoproj.io/v1alpha1", "kind": "Rollout"}
+    return {**base, "kind": kind}
+
+
 def env_from(kind: str, name: str) -> dict[str, Any]:
     ref = "configMapRef" if kind == "ConfigMap" else "secretRef"
     return {"envFrom": [{ref: {"name": name}}]}
@@ -93,17 +121,36 @@ class Cluster:
     )
 
     async def create_configmap(
-        self, name: str, data: Mapping[str, str], *, annotations: Mapping[str, str] | None = None
+        self,
+        name: str,
+        data: Mapping[str, str],
+        *,
+        annotations: Mapping[str, str] | None = None,
+        labels: Mapping[str, str] | None = None,
     ) -> None:
-        body = {
-            "metadata": {"name": name, "annotations": dict(annotations or {})},
-            "data": dict(data),
+        metadata = {
+            "name": name,
+            "annotations": dict(annotations or {}),
+            "labels": dict(labels or {}),
         }
+        body = {"metadata": metadata, "data": dict(data)}
         await self.api.create(CONFIGMAPS.collection_path(self.namespace), body)
 
-    async def create_secret(self, name: str, data: Mapping[str, str]) -> None:
+    async def create_secret(
+        self,
+        name: str,
+        data: Mapping[str, str],
+        *,
+        annotations: Mapping[str, str] | None = None,
+        labels: Mapping[str, str] | None = None,
+    ) -> None:
         encoded = {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}
-        body = {"metadata": {"name": name}, "type": "Opaque", "data": encoded}
+        metadata = {
+            "name": name,
+            "annotations": dict(annotations or {}),
+            "labels": dict(labels or {}),
+        }
+        body = {"metadata": metadata, "type": "Opaque", "data": encoded}
         await self.api.create(SECRETS.collection_path(self.namespace), body)
 
     async def patch_configmap(self, name: str, patch: Mapping[str, Any]) -> None:
@@ -122,6 +169,38 @@ class Cluster:
     async def create_workload(self, body: Mapping[str, Any]) -> None:
         kind = KINDS[body["kind"]]
         await self.api.create(kind.resource.collection_path(self.namespace), body)
+
+    async def get_workload(self, kind: str, name: str) -> dict[str, Any]:
+        path = KINDS[kind].resource.object_path(self.namespace, name)  # type: ignore[index]
+        return dict(await self.api.get(path))
+
+    async def marker(self, kind: str, name: str) -> str | None:
+        """The restart marker on a workload's pod template, if any."""
+        obj = await self.get_workload(kind, name)
+        node: Any = obj
+        for step in KINDS[kind].pod_template_path:  # type: ignore[index]
+            node = node.get(step) or {}
+        return (node.get("metadata") or {}).get("annotations", {}).get(LAST_RELOADED_FROM)
+
+    async def wait_marker(self, kind: str, name: str, *, other_than: str | None = None) -> str:
+        async def changed() -> str | None:
+            found = await self.marker(kind, name)
+            return found if found and found != other_than else None
+
+        return await wait_for(changed, message=f"restart marker on {kind} {name}")
+
+    async def wait_recorded_on(self, kind: str, name: str) -> dict[str, Any]:
+        async def recorded() -> dict[str, Any] | None:
+            obj = await self.get_workload(kind, name)
+            return obj if RECORD_ANNOTATION in obj["metadata"].get("annotations", {}) else None
+
+        return await wait_for(recorded, message=f"digests recorded on {kind} {name}")
+
+    async def jobs(self) -> list[dict[str, Any]]:
+        page = await self.api.list_page(
+            KINDS["Job"].resource.collection_path(self.namespace), params=[]
+        )
+        return list(page.get("items", []))
 
     async def get_deployment(self, name: str) -> dict[str, Any]:
         path = KINDS["Deployment"].resource.object_path(self.namespace, name)

@@ -1,0 +1,252 @@
+"""A controller under test: a command run as a child process and measured from the outside.
+
+The command is a template. These placeholders are filled for each run (``{{`` for a literal brace):
+
+=========================  ======================================================================
+``{python}``               this interpreter
+``{kubeconfig}``           a kubeconfig file for this run's own audited user (also ``$KUBECONFIG``)
+``{namespaces}``           the run's namespaces, comma-separated; empty for cluster-wide
+``{metrics_port}``         a free port for the controller's HTTP endpoint
+``{controller_namespace}`` a namespace that exists, for the controller's own objects
+``{debounce}``             the scenario's debounce in seconds (only ours has such a setting)
+``{reload_strategy}``      ``annotations`` or ``env-vars`` (S11 asks for env-vars)
+=========================  ======================================================================
+
+The command runs through ``/bin/sh -c`` in its own process group, so a wrapper script or an env
+prefix works; it is stopped with SIGTERM to the group (SIGKILL after 30 s). RSS and CPU are the sums
+over the whole process tree, sampled every 0.5 s by a thread, so a busy event loop in the bench
+cannot delay or skip samples.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import psutil
+
+from tests.controlplane.envtest import free_port
+
+Semantics = Literal["level", "edge"]
+"""What rollouts to expect: ``level`` (ours: one per data change, none at startup, a burst within
+the debounce is one), ``edge`` (Stakater and the floor: one per event that changes data)."""
+
+SAMPLE_INTERVAL = 0.5
+STOP_TIMEOUT = 30.0
+
+OURS_COMMAND = (
+    "{python} -m reloader --kubeconfig={kubeconfig} --namespaces={namespaces}"
+    " --metrics-port={metrics_port} --metrics-address=127.0.0.1 --log-format=json"
+    " --debounce-seconds={debounce} --min-restart-interval-seconds=0"
+    " --restart-rate-per-second=1000 --restart-burst=1000"
+    " --controller-namespace={controller_namespace} --reload-strategy={reload_strategy}"
+)
+"""Ours as the bench runs it: product defaults except the restart throttles (minimum interval,
+global rate), which exist to slow rollouts down on purpose and would be measured instead of the
+controller."""
+
+FLOOR_COMMAND = (
+    "{python} -m bench.floor --kubeconfig={kubeconfig} --namespaces={namespaces}"
+    " --metrics-port={metrics_port}"
+)
+
+
+@dataclass(frozen=True)
+class Contender:
+    """A controller command and how to read it: readiness path and expected semantics."""
+
+    name: str
+    command: str
+    ready_path: str
+    semantics: Semantics
+
+
+OURS = Contender("reloader", OURS_COMMAND, "/readyz", "level")
+FLOOR = Contender("floor", FLOOR_COMMAND, "/readyz", "edge")
+
+
+@dataclass(frozen=True)
+class Launch:
+    """What one run of a controller is given."""
+
+    kubeconfig: Path
+    namespaces: Sequence[str]
+    controller_namespace: str
+    debounce: float = 0.0
+    reload_strategy: str = "annotations"
+
+
+def render(command: str, values: Mapping[str, str]) -> str:
+    """Fill the placeholders; an unknown one is an error naming it, not a silent blank."""
+    try:
+        return command.format_map(values)
+    except KeyError as error:
+        raise SystemExit(f"bench: unknown placeholder {error} in command {command!r}") from None
+
+
+@dataclass(frozen=True)
+class Sample:
+    """Seconds since the run's origin, RSS bytes and CPU seconds of the process tree."""
+
+    at: float
+    rss: int
+    cpu: float
+
+
+def tree_usage(process: psutil.Process) -> tuple[int, float]:
+    """RSS and CPU seconds of a process and all its descendants; vanished ones count as zero."""
+    rss, cpu = 0, 0.0
+    with contextlib.suppress(psutil.Error):
+        members = [process, *process.children(recursive=True)]
+        for member in members:
+            with contextlib.suppress(psutil.Error):
+                info = member.memory_info()
+                times = member.cpu_times()
+                rss += info.rss
+                cpu += times.user + times.system
+    return rss, cpu
+
+
+class Sampler(threading.Thread):
+    """Samples a process tree every ``SAMPLE_INTERVAL`` until stopped."""
+
+    def __init__(self, pid: int, *, origin: float) -> None:
+        super().__init__(daemon=True, name=f"sampler-{pid}")
+        self._process = psutil.Process(pid)
+        self._origin = origin
+        self._stop_event = threading.Event()
+        self.samples: list[Sample] = []
+
+    def sample(self) -> None:
+        rss, cpu = tree_usage(self._process)
+        if rss:
+            self.samples.append(Sample(time.monotonic() - self._origin, rss, cpu))
+
+    def run(self) -> None:
+        self.sample()
+        while not self._stop_event.wait(SAMPLE_INTERVAL):
+            self.sample()
+
+    def stop(self) -> None:
+        self.sample()
+        self._stop_event.set()
+        self.join()
+
+
+def http_status(url: str) -> int:
+    """The status of a GET, 0 when nothing answers."""
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as error:
+        return int(error.code)
+    except OSError:
+        return 0
+
+
+def http_text(url: str) -> str:
+    with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=5) as response:
+        return str(response.read().decode())
+    return ""
+
+
+@dataclass
+class RunningController:
+    """One child process of a contender: started, awaited ready, sampled, stopped."""
+
+    contender: Contender
+    launch: Launch
+    log_path: Path
+    origin: float
+    port: int = field(default_factory=free_port)
+    ready_seconds: float | None = None
+    exit_code: int | None = None
+    _popen: subprocess.Popen[bytes] | None = None
+    _sampler: Sampler | None = None
+    _started: float = 0.0
+
+    def argv(self) -> list[str]:
+        values = {
+            "python": sys.executable,
+            "kubeconfig": str(self.launch.kubeconfig),
+            "namespaces": ",".join(self.launch.namespaces),
+            "metrics_port": str(self.port),
+            "controller_namespace": self.launch.controller_namespace,
+            "debounce": f"{self.launch.debounce:g}",
+            "reload_strategy": self.launch.reload_strategy,
+        }
+        return ["/bin/sh", "-c", render(self.contender.command, values)]
+
+    def start(self) -> None:
+        env = {**os.environ, "KUBECONFIG": str(self.launch.kubeconfig)}
+        with self.log_path.open("ab") as log:
+            self._popen = subprocess.Popen(
+                self.argv(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                start_new_session=True,
+            )
+        self._started = time.monotonic()
+        self._sampler = Sampler(self._popen.pid, origin=self.origin)
+        self._sampler.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def running(self) -> bool:
+        return self._popen is not None and self._popen.poll() is None
+
+    async def wait_ready(self, *, timeout: float = 180.0) -> float:
+        """Seconds from spawn until the ready path answers 200 (fixed 3 s when it is empty)."""
+        path = self.contender.ready_path
+        deadline = self._started + timeout
+        while True:
+            if not self.running():
+                raise RuntimeError(f"{self.contender.name} exited; see {self.log_path}")
+            if not path:
+                await asyncio.sleep(max(0.0, self._started + 3.0 - time.monotonic()))
+                break
+            if await asyncio.to_thread(http_status, self.url + path) == 200:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.contender.name} not ready in {timeout}s")
+            await asyncio.sleep(0.05)
+        self.ready_seconds = time.monotonic() - self._started
+        return self.ready_seconds
+
+    async def metrics(self) -> str:
+        return await asyncio.to_thread(http_text, self.url + "/metrics")
+
+    async def stop(self) -> None:
+        """SIGTERM the process group, wait, SIGKILL if it lingers; the last sample is kept."""
+        if self._sampler is not None:
+            self._sampler.stop()
+        if self._popen is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self._popen.pid, signal.SIGTERM)
+        try:
+            self.exit_code = await asyncio.to_thread(self._popen.wait, STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._popen.pid, signal.SIGKILL)
+            self.exit_code = await asyncio.to_thread(self._popen.wait)
+
+    @property
+    def samples(self) -> list[Sample]:
+        return list(self._sampler.samples) if self._sampler is not None else []

@@ -1,0 +1,245 @@
+"""Every Stakater annotation form, on workload metadata and on the pod template, end to end.
+
+Each test makes the change that must NOT restart first and the one that must second, then checks
+there are exactly two ReplicaSets after a quiet period: a wrong restart on the first change shows
+up as a third ReplicaSet (or as two too early), a missing one as a single ReplicaSet.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tests.scenario import Cluster, container, deployment, env_from
+
+pytestmark = pytest.mark.cluster
+
+
+def uses(*refs: tuple[str, str]) -> list[dict[str, Any]]:
+    """One container reading every (kind, name) through envFrom."""
+    env = [
+        {"configMapRef": {"name": n}} if k == "ConfigMap" else {"secretRef": {"name": n}}
+        for k, n in refs
+    ]
+    return [container(envFrom=env)]
+
+
+async def change(scene: Cluster, kind: str, name: str, value: str = "2") -> None:
+    if kind == "ConfigMap":
+        await scene.patch_configmap(name, {"data": {"a": value}})
+    else:
+        await scene.set_secret(name, {"a": value})
+
+
+async def start(scene: Cluster, name: str = "web") -> None:
+    await scene.start_controller()
+    await scene.wait_recorded(name)
+
+
+async def test_typed_auto_reacts_to_its_kind_only(scene: Cluster) -> None:
+    await scene.create_configmap("cfg", {"a": "1"})
+    await scene.create_secret("sec", {"a": "1"})
+    annotations = {"configmap.reloader.stakater.com/auto": "true"}
+    containers = uses(("ConfigMap", "cfg"), ("Secret", "sec"))
+    await scene.create_workload(deployment("web", annotations=annotations, containers=containers))
+    await start(scene)
+
+    await change(scene, "Secret", "sec")
+    await scene.assert_replica_sets_stay("web", 1)
+    await change(scene, "ConfigMap", "cfg")
+    await scene.assert_replica_sets_stay("web", 2)
+
+
+async def test_secret_typed_auto(scene: Cluster) -> None:
+    await scene.create_configmap("cfg", {"a": "1"})
+    await scene.create_secret("sec", {"a": "1"})
+    annotations = {"secret.reloader.stakater.com/auto": "true"}
+    containers = uses(("ConfigMap", "cfg"), ("Secret", "sec"))
+    await scene.create_workload(deployment("web", annotations=annotations, containers=containers))
+    await start(scene)
+
+    await change(scene, "ConfigMap", "cfg")
+    await change(scene, "Secret", "sec")
+    await scene.assert_replica_sets_stay("web", 2)
+
+
+async def test_named_list_reloads_on_a_config_the_spec_does_not_reference(scene: Cluster) -> None:
+    await scene.create_configmap("used", {"a": "1"})
+    await scene.create_configmap("elsewhere", {"a": "1"})
+    annotations = {"configmap.reloader.stakater.com/reload": "elsewhere"}
+    await scene.create_workload(
+        deployment("web", annotations=annotations, containers=uses(("ConfigMap", "used")))
+    )
+    await start(scene)
+
+    await change(scene, "ConfigMap", "used")  # referenced but not named, no auto
+    await change(scene, "ConfigMap", "elsewhere")
+    await scene.assert_replica_sets_stay("web", 2)
+
+
+async def test_named_list_items_are_anchored_regular_expressions(scene: Cluster) -> None:
+    for name in ("db-main", "x-db-main"):
+        await scene.create_secret(name, {"a": "1"})
+    annotations = {"secret.reloader.stakater.com/reload": "db-.*"}
+    await scene.create_workload(deployment("web", annotations=annotations))
+    await start(scene)
+
+    await change(scene, "Secret", "x-db-main")  # matches only unanchored
+    await change(scene, "Secret", "db-main")
+    await scene.assert_replica_sets_stay("web", 2)
+
+
+async def test_named_regex_picks_up_a_config_created_later(scene: Cluster) -> None:
+    await scene.create_configmap("unrelated", {"a": "1"})
+    annotations = {"configmap.reloader.stakater.com/reload": "feature-.*"}
+    await scene.create_workload(deployment("web", annotations=annotations))
+    await scene.start_controller()  # nothing matches yet: nothing to record
+
+    await scene.create_configmap("feature-x", {"a": "1"})
+    await scene.wait_recorded("web")  # appeared: recorded, not a change
+    await scene.assert_replica_sets_stay("web", 1)
+    await change(scene, "ConfigMap", "feature-x")
+    await scene.assert_replica_sets_stay("web", 2)
+
+
+async def test_search_reacts_only_to_configs_marked_match(scene: Cluster) -> None:
+    await scene.create_configmap("plain", {"a": "1"})
+    await scene.create_configmap(
+        "marked", {"a": "1"}, annotations={"reloader.stakater.com/match": "true"}
+    )
+    annotations = {"reloader.stakater.com/search": "true"}
+    containers = uses(("ConfigMap", "plain"), ("ConfigMap", "marked"))
+    await scene.create_workload(deployment("web", annotations=annotations, containers=containers))
+    await start(scene)
+
+    await change(scene, "ConfigMap", "plain")
+    await change(scene, "ConfigMap", "marked")
+    await scene.assert_replica_sets_stay("web", 2)
+
+
+async def test_exclude_list_beats_auto(scene: Cluster) -> None:
+    await scene.create_configmap("keep", {"a": "1"})
+    await scene.create_configmap("skip", {"a": "1"})
+    annotations = {
+        "reloader.stakater.com/auto": "true",
+        "configmaps.exclude.reloader.stakater.com/reload": "skip",
+    }
+    containers = uses(("ConfigMap", "keep"), ("ConfigMap", "skip"))
+    await scene.create_workload(deployment("web", annotations=annotations, containers=containers))
+    await start(scene)
+
+    await change(scene, "ConfigMap", "skip")
+    await change(scene, "ConfigMap", "keep")
+    await scene.assert_replica_sets_stay("web", 2)
+
+
+async def test_secret_exclude_list(scene: Cluster) -> None:
+    await scene.create_secret("keep", {"a": "1"})
+    await scene.create_secret("skip", {"a": "1"})
+    annotations = {
+        "reloader.stakater.com/auto": "true",
+        "secrets.exclude.reloader.stakater.com/reload": "skip",
+    }
+    containers = uses(("Secret", "keep"), ("Secret", "skip"))
+    await scene.create_workload(deployment("web", annotations=annotations, containers=containers))
+    await start(scene)
+
+    await change(scene, "Secret", "skip")
+    await change(scene, "Secret", "keep")
+    await scene.assert_replica_sets_stay("web", 2)
+
+
+async def test_ignore_on_the_config_wins(scene: Cluster) -> None:
+    await scene.create_configmap(
+        "quiet", {"a": "1"}, annotations={"reloader.stakater.com/ignore": "true"}
+    )
+    await scene.create_configmap("loud", {"a": "1"})
+    annotations = {"reloader.stakater.com/auto": "true"}
+    containers = uses(("ConfigMap", "quiet"), ("ConfigMap", "loud"))
+    await scene.create_workload(deployment("web", annotations=annotations, containers=containers))
+    await start(scene)
+
+    await change(scene, "ConfigMap", "quiet")
+    await change(scene, "ConfigMap", "loud")
+    await scene.assert_replica_sets_stay("web", 2)
+
+
+async def test_auto_on_the_pod_template(scene: Cluster) -> None:
+    await scene.create_configmap("cfg", {"a": "1"})
+    await scene.create_workload(
+        deployment(
+            "web",
+            template_annotations={"reloader.stakater.com/auto": "true"},
+            containers=[container(**env_from("ConfigMap", "cfg"))],
+        )
+    )
+    await start(scene)
+
+    await change(scene, "ConfigMap", "cfg")
+    await scene.assert_replica_sets_stay("web", 2)
+
+
+async def test_named_list_on_the_pod_template(scene: Cluster) -> None:
+    await scene.create_secret("token", {"a": "1"})
+    await scene.create_workload(
+        deployment("web", template_annotations={"secret.reloader.stakater.com/reload": "token"})
+    )
+    await start(scene)
+
+    await change(scene, "Secret", "token")
+    await scene.assert_replica_sets_stay("web", 2)
+
+
+async def test_template_is_not_read_when_metadata_has_the_kind_s_annotation(
+    scene: Cluster,
+) -> None:
+    """Stakater reads the template only when metadata has none of the keys for that config kind."""
+    await scene.create_configmap("cfg", {"a": "1"})
+    await scene.create_configmap("named", {"a": "1"})
+    await scene.create_workload(
+        deployment(
+            "web",
+            annotations={"configmap.reloader.stakater.com/reload": "named"},
+            template_annotations={"reloader.stakater.com/auto": "true"},
+            containers=[container(**env_from("ConfigMap", "cfg"))],
+        )
+    )
+    await start(scene)
+
+    await change(scene, "ConfigMap", "cfg")  # template auto is shadowed
+    await change(scene, "ConfigMap", "named")
+    await scene.assert_replica_sets_stay("web", 2)
+
+
+async def test_exclude_on_the_pod_template_is_not_read(scene: Cluster) -> None:
+    await scene.create_configmap("cfg", {"a": "1"})
+    await scene.create_workload(
+        deployment(
+            "web",
+            annotations={"reloader.stakater.com/auto": "true"},
+            template_annotations={"configmaps.exclude.reloader.stakater.com/reload": "cfg"},
+            containers=[container(**env_from("ConfigMap", "cfg"))],
+        )
+    )
+    await start(scene)
+
+    await change(scene, "ConfigMap", "cfg")
+    await scene.assert_replica_sets_stay("web", 2)
+
+
+async def test_auto_false_opts_out(scene: Cluster) -> None:
+    await scene.create_configmap("cfg", {"a": "1"})
+    await scene.create_workload(
+        deployment(
+            "web",
+            annotations={"reloader.stakater.com/auto": "false"},
+            containers=[container(**env_from("ConfigMap", "cfg"))],
+        )
+    )
+    await scene.start_controller()
+
+    await change(scene, "ConfigMap", "cfg")
+    await scene.assert_replica_sets_stay("web", 1)
+    obj = await scene.get_deployment("web")
+    assert "reloader.stakater.com/config-digests" not in obj["metadata"].get("annotations", {})
