@@ -1,0 +1,346 @@
+"""Stakater parity: every workload kind, both strategies, pause period, scoping and triggers.
+
+Each test is one row of the parity issue, run against the real API server and controller-manager.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from reloader.digests import decode_record
+from reloader.kube import Api, ApiNotFound, ApiTooManyRequests
+from reloader.model import NAMESPACES, RECORD_ANNOTATION
+from tests.scenario import Cluster, container, deployment, env_from, wait_for, workload
+
+pytestmark = pytest.mark.cluster
+AUTO = {"reloader.stakater.com/auto": "true"}
+USES_CFG = [container(**env_from("ConfigMap", "cfg"))]
+
+
+async def change_cfg(scene: Cluster, value: str = "2") -> None:
+    await scene.patch_configmap("cfg", {"data": {"a": value}})
+
+
+async def with_cfg(scene: Cluster) -> None:
+    await scene.create_configmap("cfg", {"a": "1"})
+
+
+# --- workload kinds ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["StatefulSet", "DaemonSet"])
+async def test_pod_template_kinds_are_patched(scene: Cluster, kind: str) -> None:
+    await with_cfg(scene)
+    await scene.create_workload(workload(kind, "app", annotations=AUTO, containers=USES_CFG))
+    await scene.start_controller()
+    await scene.wait_recorded_on(kind, "app")
+    assert await scene.marker(kind, "app") is None
+
+    await change_cfg(scene)
+
+    marker = await scene.wait_marker(kind, "app")
+    assert '"name":"cfg"' in marker
+    assert await scene.events("Reloaded")
+
+
+async def test_cronjob_change_creates_one_job_now(scene: Cluster) -> None:
+    await with_cfg(scene)
+    await scene.create_workload(
+        workload("CronJob", "nightly", annotations=AUTO, containers=USES_CFG)
+    )
+    await scene.start_controller()
+    await scene.wait_recorded_on("CronJob", "nightly")
+    assert await scene.jobs() == []
+
+    await change_cfg(scene)
+
+    jobs = await wait_for(scene.jobs, message="a Job created from the CronJob")
+    await asyncio.sleep(1.5)
+    jobs = await scene.jobs()
+    assert len(jobs) == 1
+    job = jobs[0]
+    owner = job["metadata"]["ownerReferences"][0]
+    assert (owner["kind"], owner["name"], owner["controller"]) == ("CronJob", "nightly", True)
+    assert job["metadata"]["annotations"]["cronjob.kubernetes.io/instantiate"] == "manual"
+    cronjob = await scene.get_workload("CronJob", "nightly")
+    assert "jobTemplate" in cronjob["spec"]  # the CronJob itself is not restarted
+
+    await scene.stop_controllers()
+    await scene.start_controller()
+    await asyncio.sleep(1.5)
+    assert len(await scene.jobs()) == 1, "a controller restart must not run the job again"
+
+
+async def test_job_is_replaced_once(scene: Cluster) -> None:
+    await with_cfg(scene)
+    await scene.create_workload(workload("Job", "migrate", annotations=AUTO, containers=USES_CFG))
+    await scene.start_controller()
+    first = await scene.wait_recorded_on("Job", "migrate")
+
+    await change_cfg(scene)
+
+    async def replaced() -> dict[str, Any] | None:
+        try:
+            job = await scene.get_workload("Job", "migrate")
+        except ApiNotFound:
+            return None
+        return job if job["metadata"]["uid"] != first["metadata"]["uid"] else None
+
+    second = await wait_for(replaced, message="the Job recreated")
+    await asyncio.sleep(1.5)
+    third = await scene.get_workload("Job", "migrate")
+    assert third["metadata"]["uid"] == second["metadata"]["uid"], "replaced more than once"
+    record = decode_record(third["metadata"]["annotations"][RECORD_ANNOTATION])
+    assert record is not None
+    assert record != decode_record(first["metadata"]["annotations"][RECORD_ANNOTATION])
+
+
+ROLLOUT_CRD = {
+    "apiVersion": "apiextensions.k8s.io/v1",
+    "kind": "CustomResourceDefinition",
+    "metadata": {"name": "rollouts.argoproj.io"},
+    "spec": {
+        "group": "argoproj.io",
+        "scope": "Namespaced",
+        "names": {"kind": "Rollout", "plural": "rollouts", "singular": "rollout"},
+        "versions": [
+            {
+                "name": "v1alpha1",
+                "served": True,
+                "storage": True,
+                "schema": {
+                    "openAPIV3Schema": {
+                        "type": "object",
+                        "x-kubernetes-preserve-unknown-fields": True,
+                    }
+                },
+            }
+        ],
+    },
+}
+CRDS = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions"
+
+
+async def test_argo_rollouts_absent_crd_then_installed(scene: Cluster, monkeypatch: Any) -> None:
+    """With --is-Argo-Rollouts and no CRD the controller is ready; once the CRD is installed,
+    Rollouts are patched: the template by default, ``spec.restartAt`` with rollout-strategy
+    restart."""
+    monkeypatch.setattr("reloader.watch.ABSENT_RECHECK_SECONDS", 1.0)
+    api = scene.api
+    if await _exists(api, f"{CRDS}/rollouts.argoproj.io"):
+        pytest.skip("a Rollout CRD is already installed on this cluster")
+    await with_cfg(scene)
+    await scene.start_controller(is_argo_rollouts=True)  # ready although the CRD is absent
+
+    await api.create(CRDS, ROLLOUT_CRD)
+    try:
+        await wait_for(
+            lambda: _exists(
+                api, f"/apis/argoproj.io/v1alpha1/namespaces/{scene.namespace}/rollouts"
+            ),
+            message="the CRD served",
+        )
+        restart = {**AUTO, "reloader.stakater.com/rollout-strategy": "restart"}
+        await scene.create_workload(
+            workload("Rollout", "canary", annotations=AUTO, containers=USES_CFG)
+        )
+        await scene.create_workload(
+            workload("Rollout", "bounce", annotations=restart, containers=USES_CFG)
+        )
+        await scene.wait_recorded_on("Rollout", "canary")
+        await scene.wait_recorded_on("Rollout", "bounce")
+
+        await change_cfg(scene)
+
+        assert '"name":"cfg"' in await scene.wait_marker("Rollout", "canary")
+
+        async def restart_at() -> str | None:
+            return (await scene.get_workload("Rollout", "bounce"))["spec"].get("restartAt")
+
+        assert await wait_for(restart_at, message="spec.restartAt on the restart-strategy Rollout")
+        assert await scene.marker("Rollout", "bounce") is None
+    finally:
+        await scene.stop_controllers()
+        await api.delete(f"{CRDS}/rollouts.argoproj.io")
+
+
+async def _exists(api: Api, path: str) -> bool:
+    try:
+        await api.get(path)
+    except (ApiNotFound, ApiTooManyRequests):  # 429 while a new CRD's storage initialises
+        return False
+    return True
+
+
+async def test_ignored_workload_types(scene: Cluster) -> None:
+    await with_cfg(scene)
+    await scene.create_workload(
+        workload("CronJob", "nightly", annotations=AUTO, containers=USES_CFG)
+    )
+    await scene.create_workload(deployment("web", annotations=AUTO, containers=USES_CFG))
+    await scene.start_controller(ignored_workload_types=["cronjobs"])
+    await scene.wait_recorded("web")
+
+    await change_cfg(scene)
+
+    await scene.assert_replica_sets_stay("web", 2)
+    assert await scene.jobs() == []
+
+
+# --- strategies -------------------------------------------------------------------------------
+
+
+async def test_env_vars_strategy_sets_stakater_variable(scene: Cluster) -> None:
+    await scene.create_configmap("app-config", {"a": "1"})
+    containers = [container(**env_from("ConfigMap", "app-config")), container("sidecar")]
+    await scene.create_workload(deployment("web", annotations=AUTO, containers=containers))
+    await scene.start_controller(reload_strategy="env-vars")
+    await scene.wait_recorded("web")
+
+    await scene.patch_configmap("app-config", {"data": {"a": "2"}})
+
+    await scene.assert_replica_sets_stay("web", 2)
+    obj = await scene.get_deployment("web")
+    for spec in obj["spec"]["template"]["spec"]["containers"]:
+        names = {e["name"]: e.get("value") for e in spec.get("env", [])}
+        assert names.get("STAKATER_APP_CONFIG_CONFIGMAP"), spec["name"]
+    assert await scene.marker("Deployment", "web") is None
+
+
+async def test_switching_strategy_restarts_nothing(scene: Cluster) -> None:
+    await with_cfg(scene)
+    await scene.create_workload(deployment("web", annotations=AUTO, containers=USES_CFG))
+    await scene.start_controller(reload_strategy="annotations")
+    before = (await scene.wait_recorded("web"))["metadata"]["resourceVersion"]
+    await scene.stop_controllers()
+
+    await scene.start_controller(reload_strategy="env-vars")
+
+    await scene.assert_replica_sets_stay("web", 1)
+    assert (await scene.get_deployment("web"))["metadata"]["resourceVersion"] == before
+
+
+async def test_pause_period_pauses_then_resumes_across_a_controller_restart(
+    scene: Cluster,
+) -> None:
+    await with_cfg(scene)
+    annotations = {**AUTO, "deployment.reloader.stakater.com/pause-period": "4s"}
+    await scene.create_workload(deployment("web", annotations=annotations, containers=USES_CFG))
+    await scene.start_controller()
+    await scene.wait_recorded("web")
+
+    await change_cfg(scene)
+
+    async def paused() -> dict[str, Any] | None:
+        obj = await scene.get_deployment("web")
+        return obj if obj["spec"].get("paused") else None
+
+    obj = await wait_for(paused, message="the Deployment paused")
+    assert "deployment.reloader.stakater.com/paused-at" in obj["metadata"]["annotations"]
+    await scene.stop_controllers()  # the pause state lives on the object, not in this process
+    assert len(await scene.replica_sets("web")) == 1, "rolled out while paused"
+    await asyncio.sleep(4)
+
+    await scene.start_controller()
+
+    async def resumed() -> dict[str, Any] | None:
+        obj = await scene.get_deployment("web")
+        return None if obj["spec"].get("paused") else obj
+
+    obj = await wait_for(resumed, message="the Deployment resumed after the period")
+    assert "deployment.reloader.stakater.com/paused-at" not in obj["metadata"]["annotations"]
+    await scene.assert_replica_sets_stay("web", 2)
+
+
+# --- scoping and triggers ---------------------------------------------------------------------
+
+
+async def test_namespace_selector_follows_namespace_labels(scene: Cluster) -> None:
+    await with_cfg(scene)
+    await scene.create_workload(deployment("web", annotations=AUTO, containers=USES_CFG))
+    label = {"reloader-test": scene.namespace}
+    await scene.start_controller(
+        namespaces=[], namespace_selector=[f"reloader-test:{scene.namespace}"]
+    )
+    await change_cfg(scene, "unselected")
+    await scene.assert_replica_sets_stay("web", 1)
+
+    path = f"{NAMESPACES.collection_path(None)}/{scene.namespace}"
+    await scene.api.patch(path, {"metadata": {"labels": label}}, patch_type="merge")
+    await scene.wait_recorded("web")  # selected now: first sight, recorded
+    await change_cfg(scene, "selected")
+
+    await scene.assert_replica_sets_stay("web", 2)
+
+
+async def test_resource_label_selector_hides_unlabelled_configs(scene: Cluster) -> None:
+    await scene.create_configmap("plain", {"a": "1"})
+    await scene.create_configmap("labelled", {"a": "1"}, labels={"reload": "yes"})
+    env = [{"configMapRef": {"name": "plain"}}, {"configMapRef": {"name": "labelled"}}]
+    await scene.create_workload(
+        deployment("web", annotations=AUTO, containers=[container(envFrom=env)])
+    )
+    await scene.start_controller(resource_label_selector=["reload:yes"])
+    await scene.wait_recorded("web")
+
+    await scene.patch_configmap("plain", {"data": {"a": "2"}})
+    await scene.patch_configmap("labelled", {"data": {"a": "2"}})
+
+    await scene.assert_replica_sets_stay("web", 2)
+
+
+async def test_resources_to_ignore_secrets(scene: Cluster) -> None:
+    await with_cfg(scene)
+    await scene.create_secret("sec", {"a": "1"})
+    env = [{"configMapRef": {"name": "cfg"}}, {"secretRef": {"name": "sec"}}]
+    await scene.create_workload(
+        deployment("web", annotations=AUTO, containers=[container(envFrom=env)])
+    )
+    await scene.start_controller(resources_to_ignore=["secrets"])
+    await scene.wait_recorded("web")
+
+    await scene.set_secret("sec", {"a": "2"})
+    await change_cfg(scene)
+
+    await scene.assert_replica_sets_stay("web", 2)
+
+
+async def test_reload_on_create(scene: Cluster) -> None:
+    ref = {"envFrom": [{"configMapRef": {"name": "late", "optional": True}}]}
+    await scene.create_configmap("cfg", {"a": "1"})
+    ref["envFrom"].append({"configMapRef": {"name": "cfg"}})
+    await scene.create_workload(deployment("web", annotations=AUTO, containers=[container(**ref)]))
+    await scene.start_controller(reload_on_create=True)
+    await scene.wait_recorded("web")
+
+    await scene.create_configmap("late", {"a": "1"})
+
+    await scene.assert_replica_sets_stay("web", 2)
+
+
+async def test_reload_on_create_is_not_a_mass_restart_at_start(scene: Cluster) -> None:
+    await with_cfg(scene)
+    await scene.create_workload(deployment("web", annotations=AUTO, containers=USES_CFG))
+    await scene.start_controller(reload_on_create=True, reload_on_delete=True)
+    await scene.wait_recorded("web")
+    await scene.stop_controllers()
+    await scene.start_controller(reload_on_create=True, reload_on_delete=True)
+
+    await scene.assert_replica_sets_stay("web", 1)
+
+
+async def test_auto_reload_all(scene: Cluster) -> None:
+    await with_cfg(scene)
+    await scene.create_workload(deployment("plain", containers=USES_CFG))
+    opt_out = {"reloader.stakater.com/auto": "false"}
+    await scene.create_workload(deployment("optout", annotations=opt_out, containers=USES_CFG))
+    await scene.start_controller(auto_reload_all=True)
+    await scene.wait_recorded("plain")
+
+    await change_cfg(scene)
+
+    await scene.assert_replica_sets_stay("plain", 2)
+    await scene.assert_replica_sets_stay("optout", 1, quiet=0)
