@@ -1,0 +1,194 @@
+"""What reaches the server for each kind and strategy (pure functions of patches.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+
+from reloader.annotations import Policy
+from reloader.decide import Decision, Dependency
+from reloader.digests import Recorded, encode_record
+from reloader.model import LAST_RELOADED_FROM, RECORD_ANNOTATION, WorkloadKey
+from reloader.patches import (
+    INSTANTIATE_ANNOTATION,
+    env_var_name,
+    job_from_cronjob,
+    recreated_job,
+    restart_at_patch,
+    restart_patch,
+    template_change,
+    unpause_patch,
+)
+from reloader.snapshots import WorkloadSnapshot
+
+NOW = 1_700_000_000.0
+PAUSED_AT = "deployment.reloader.stakater.com/paused-at"
+
+
+def snapshot(kind: str = "Deployment") -> WorkloadSnapshot:
+    return WorkloadSnapshot(
+        key=WorkloadKey(kind, "ns", "web"),  # type: ignore[arg-type]
+        references=frozenset(),
+        policy=Policy(),
+        problems=(),
+        recorded=None,
+        last_restart_at=None,
+        containers=("app", "sidecar"),
+        resource_version="42",
+        uid="uid-1",
+    )
+
+
+DEPS = {"ConfigMap/app-config": Dependency("ConfigMap", "app-config", "d2", frozenset({"app"}))}
+RESTART = Decision(
+    "restart", Recorded.of("k", {"ConfigMap/app-config": "d2"}), ("ConfigMap/app-config",), "x"
+)
+
+
+@pytest.mark.parametrize(
+    ("kind", "name", "expected"),
+    [
+        ("ConfigMap", "my-config", "STAKATER_MY_CONFIG_CONFIGMAP"),
+        ("Secret", "db.password", "STAKATER_DB_PASSWORD_SECRET"),
+        ("ConfigMap", "--odd..name", "STAKATER_ODD_NAME_CONFIGMAP"),
+        ("Secret", "a1", "STAKATER_A1_SECRET"),
+    ],
+)
+def test_env_var_name_follows_stakater(kind: Any, name: str, expected: str) -> None:
+    assert env_var_name(kind, name) == expected
+
+
+def test_annotation_restart_patch_records_and_marks_in_one_body() -> None:
+    patch = restart_patch(snapshot(), RESTART, DEPS, strategy="annotations", now=NOW)
+
+    assert patch["metadata"]["resourceVersion"] == "42"
+    assert patch["metadata"]["annotations"][RECORD_ANNOTATION] == encode_record(RESTART.record)  # type: ignore[arg-type]
+    marker = orjson.loads(patch["spec"]["template"]["metadata"]["annotations"][LAST_RELOADED_FROM])
+    assert marker == {
+        "type": "CONFIGMAP",
+        "name": "app-config",
+        "namespace": "ns",
+        "hash": "d2",
+        "containerRefs": ["app"],
+        "observedAt": int(NOW),
+    }
+
+
+def test_env_vars_patch_sets_the_variable_in_every_container() -> None:
+    patch = restart_patch(snapshot(), RESTART, DEPS, strategy="env-vars", now=NOW)
+
+    containers = patch["spec"]["template"]["spec"]["containers"]
+    assert containers == [
+        {"name": "app", "env": [{"name": "STAKATER_APP_CONFIG_CONFIGMAP", "value": "d2"}]},
+        {"name": "sidecar", "env": [{"name": "STAKATER_APP_CONFIG_CONFIGMAP", "value": "d2"}]},
+    ]
+    assert "metadata" not in patch["spec"]["template"]
+
+
+def test_deleted_config_removes_the_env_var() -> None:
+    deleted = Decision("restart", Recorded.of("k", {}), ("Secret/gone",), "deleted")
+    change = template_change(snapshot(), deleted, {}, strategy="env-vars", now=NOW)
+    assert change["spec"]["containers"][0]["env"] == [
+        {"name": "STAKATER_GONE_SECRET", "$patch": "delete"}
+    ]
+
+
+def test_pause_rides_on_the_restart_patch() -> None:
+    patch = restart_patch(
+        snapshot(), RESTART, DEPS, strategy="annotations", now=NOW, pause_annotation=PAUSED_AT
+    )
+    assert patch["spec"]["paused"] is True
+    assert patch["metadata"]["annotations"][PAUSED_AT] == "2023-11-14T22:13:20Z"
+
+
+def test_unpause_clears_the_annotation() -> None:
+    patch = unpause_patch(snapshot(), paused_at_annotation=PAUSED_AT)
+    assert patch == {
+        "metadata": {"resourceVersion": "42", "annotations": {PAUSED_AT: None}},
+        "spec": {"paused": False},
+    }
+
+
+def test_rollout_restart_strategy_sets_restart_at_only() -> None:
+    patch = restart_at_patch(snapshot("Rollout"), RESTART, now=NOW)
+    assert patch["spec"] == {"restartAt": "2023-11-14T22:13:20Z"}
+
+
+CRONJOB: dict[str, Any] = {
+    "metadata": {"name": "nightly", "namespace": "ns", "uid": "cj-uid"},
+    "spec": {
+        "schedule": "0 0 * * *",
+        "jobTemplate": {
+            "metadata": {"labels": {"team": "a"}, "annotations": {"note": "x"}},
+            "spec": {
+                "backoffLimit": 1,
+                "template": {"spec": {"containers": [{"name": "app", "image": "i"}]}},
+            },
+        },
+    },
+}
+
+
+def test_job_from_cronjob_is_what_kubectl_create_job_from_makes() -> None:
+    change = template_change(snapshot("CronJob"), RESTART, DEPS, strategy="annotations", now=NOW)
+    job = job_from_cronjob(CRONJOB, change, record=RESTART)
+
+    assert job["metadata"]["labels"] == {"team": "a"}
+    assert job["metadata"]["annotations"] == {"note": "x", INSTANTIATE_ANNOTATION: "manual"}
+    owner = job["metadata"]["ownerReferences"][0]
+    assert (owner["kind"], owner["name"], owner["uid"], owner["controller"]) == (
+        "CronJob",
+        "nightly",
+        "cj-uid",
+        True,
+    )
+    assert job["spec"]["backoffLimit"] == 1
+    assert LAST_RELOADED_FROM in job["spec"]["template"]["metadata"]["annotations"]
+
+
+def test_job_name_is_the_same_for_the_same_decision_and_fits() -> None:
+    change = template_change(snapshot("CronJob"), RESTART, DEPS, strategy="annotations", now=NOW)
+    first = job_from_cronjob(CRONJOB, change, record=RESTART)["metadata"]["name"]
+    again = job_from_cronjob(CRONJOB, change, record=RESTART)["metadata"]["name"]
+    long_name = {**CRONJOB, "metadata": {**CRONJOB["metadata"], "name": "n" * 52}}
+    long_job = job_from_cronjob(long_name, change, record=RESTART)["metadata"]["name"]
+
+    assert first == again
+    assert first.startswith("nightly-reload-")
+    assert len(long_job) <= 63
+
+
+def test_recreated_job_drops_what_the_job_controller_generated() -> None:
+    generated = {"controller-uid": "u", "batch.kubernetes.io/job-name": "migrate", "app": "m"}
+    job: dict[str, Any] = {
+        "metadata": {
+            "name": "migrate",
+            "namespace": "ns",
+            "uid": "u",
+            "resourceVersion": "9",
+            "labels": dict(generated),
+            "annotations": {RECORD_ANNOTATION: "old"},
+        },
+        "spec": {
+            "selector": {"matchLabels": {"controller-uid": "u"}},
+            "manualSelector": False,
+            "backoffLimit": 2,
+            "template": {
+                "metadata": {"labels": dict(generated)},
+                "spec": {"containers": [{"name": "app", "image": "i"}]},
+            },
+        },
+        "status": {"succeeded": 1},
+    }
+    change = template_change(snapshot("Job"), RESTART, DEPS, strategy="annotations", now=NOW)
+    body = recreated_job(job, change, record=RESTART)
+
+    assert body["metadata"]["labels"] == {"app": "m"}
+    assert set(body["metadata"]) == {"name", "namespace", "labels", "annotations"}
+    assert body["metadata"]["annotations"][RECORD_ANNOTATION] == encode_record(RESTART.record)  # type: ignore[arg-type]
+    assert "selector" not in body["spec"]
+    assert "manualSelector" not in body["spec"]
+    assert "status" not in body
+    assert body["spec"]["template"]["metadata"]["labels"] == {"app": "m"}
