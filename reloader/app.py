@@ -247,7 +247,11 @@ class Controller:
         self._enqueue(self.index.config_changed(old, new))
 
     def _on_workload(self, old: WorkloadSnapshot | None, new: WorkloadSnapshot | None) -> None:
-        self._enqueue(self.index.workload_changed(old, new))
+        # A workload change (often our own write coming back) needs no debounce, but must not cut
+        # short a debounce already running for a config burst: a waiting key is looked at anyway.
+        for key in self.index.workload_changed(old, new):
+            if self.queue.ready_at(key) is None:
+                self.queue.add(key)
 
     def _on_namespace(self, old: str | None, new: str | None) -> None:
         """A namespace entered or left the selection: look again at its opted-in workloads."""

@@ -306,8 +306,8 @@ class WorkQueue(Generic[K]):
     def ready_at(self, key: K) -> float | None:
         """When a waiting key becomes ready, in ``clock`` time; None if it is not waiting.
 
-        Read-only, for tests and diagnostics: it shows the debounce and backoff decisions without
-        waiting for them.
+        Read-only: it shows the debounce and backoff decisions without waiting for them. The
+        controller uses it so a workload event does not cut short a config burst's debounce.
         """
         return self._waiting.get(key)
 

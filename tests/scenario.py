@@ -110,6 +110,21 @@ def env_from(kind: str, name: str) -> dict[str, Any]:
     return {"envFrom": [{ref: {"name": name}}]}
 
 
+def writes(controller: Controller) -> float:
+    """Records plus restarts (attempted) by one controller, from its own metrics.
+
+    Tests use this rather than the workload's resourceVersion, which the Deployment controller's
+    status updates also change.
+    """
+    registry = controller.metrics.registry
+    samples = [
+        ("reloader_records_total", {}),
+        ("reloader_reload_executed_total", {"success": "true"}),
+        ("reloader_reload_executed_total", {"success": "false"}),
+    ]
+    return sum(registry.get_sample_value(name, labels) or 0.0 for name, labels in samples)
+
+
 @dataclass
 class Cluster:
     """The test's namespace on the real server, with shortcuts for the objects tests use."""
@@ -246,18 +261,19 @@ class Cluster:
         found = len(await self.replica_sets(name))
         assert found == count, f"{name} has {found} ReplicaSets, expected exactly {count}"
 
-    async def start_controller(self, **overrides: Any) -> Controller:
+    async def start_controller(
+        self, *, digest_key: bytes = TEST_KEY, **overrides: Any
+    ) -> Controller:
         """Run a controller on this namespace in the test's event loop; stopped at teardown."""
         options: dict[str, Any] = {
             "namespaces": [self.namespace],
             "debounce_seconds": 0.2,
             "min_restart_interval_seconds": 0,
-            "hash_key": TEST_KEY.decode(),
             **overrides,
         }
         settings = Settings(**options)
         controller = Controller(
-            settings=settings, api=self.api, digest_key=DigestKey.from_secret(TEST_KEY)
+            settings=settings, api=self.api, digest_key=DigestKey.from_secret(digest_key)
         )
         stop = asyncio.Event()
         task = asyncio.create_task(controller.run(stop))

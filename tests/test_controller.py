@@ -12,7 +12,7 @@ import pytest
 
 from reloader.digests import decode_record
 from reloader.model import LAST_RELOADED_FROM, RECORD_ANNOTATION
-from tests.scenario import Cluster, container, deployment, env_from, wait_for
+from tests.scenario import Cluster, container, deployment, env_from, wait_for, writes
 
 pytestmark = pytest.mark.cluster
 AUTO = {"reloader.stakater.com/auto": "true"}
@@ -61,14 +61,14 @@ async def test_controller_restart_writes_nothing_when_nothing_changed(scene: Clu
         deployment("web", annotations=AUTO, containers=[container(**env_from("ConfigMap", "cfg"))])
     )
     await scene.start_controller()
-    before = (await scene.wait_recorded("web"))["metadata"]["resourceVersion"]
+    before = (await scene.wait_recorded("web"))["metadata"]["annotations"]
     await scene.stop_controllers()
 
-    await scene.start_controller()
+    second = await scene.start_controller()
     await scene.assert_replica_sets_stay("web", 1)
 
-    after = (await scene.get_deployment("web"))["metadata"]["resourceVersion"]
-    assert after == before, "the restarted controller wrote to an unchanged workload"
+    assert writes(second) == 0, "the restarted controller wrote to an unchanged workload"
+    assert (await scene.get_deployment("web"))["metadata"]["annotations"] == before
 
 
 async def test_change_while_controller_down_rolls_exactly_once_after_start(scene: Cluster) -> None:
@@ -303,3 +303,28 @@ async def test_invalid_annotation_is_reported_and_ignored(scene: Cluster) -> Non
     assert "yes please" in events[0]["message"] and events[0]["type"] == "Warning"
     await scene.patch_configmap("cfg", {"data": {"a": "2"}})
     await scene.assert_replica_sets_stay("web", 1)
+
+
+async def test_key_rotation_re_records_without_restarting(scene: Cluster) -> None:
+    """Digests made under another key are not comparable: re-recorded, never a restart."""
+    await scene.create_configmap("cfg", {"a": "1"})
+    await scene.create_workload(
+        deployment("web", annotations=AUTO, containers=[container(**env_from("ConfigMap", "cfg"))])
+    )
+    await scene.start_controller(digest_key=b"the-old-digest-key-0123456789")
+    old = decode_record(
+        (await scene.wait_recorded("web"))["metadata"]["annotations"][RECORD_ANNOTATION]
+    )
+    await scene.stop_controllers()
+
+    await scene.start_controller(digest_key=b"the-new-digest-key-9876543210")
+
+    async def re_recorded() -> bool:
+        obj = await scene.get_deployment("web")
+        record = decode_record(obj["metadata"]["annotations"][RECORD_ANNOTATION])
+        return record is not None and old is not None and record.key_id != old.key_id
+
+    await wait_for(re_recorded, message="the record re-made under the new key")
+    await scene.assert_replica_sets_stay("web", 1)
+    await scene.patch_configmap("cfg", {"data": {"a": "2"}})
+    await scene.assert_replica_sets_stay("web", 2)

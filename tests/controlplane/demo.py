@@ -119,7 +119,7 @@ async def scenario(api: Api, port: int) -> None:
         return len(await replica_sets(api)) == 2
 
     await wait_for(two_replica_sets, message="a new ReplicaSet after the edit")
-    say(f"rolled out {time.monotonic() - started:.1f}s after the edit (debounce is 1 s):")
+    say(f"rolled out {time.monotonic() - started:.1f}s after the edit (debounce window: 1 s):")
     await show_replica_sets(api)
     obj = await api.get(KINDS["Deployment"].resource.object_path(NAMESPACE, "web"))
     marker = obj["spec"]["template"]["metadata"]["annotations"][LAST_RELOADED_FROM]
