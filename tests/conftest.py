@@ -52,7 +52,10 @@ def cluster() -> Iterator[TestCluster]:
         with ControlPlane() as plane:
             yield TestCluster(backend, plane.kubeconfig, plane)
     elif backend == "k3s":
-        from testcontainers.k3s import K3SContainer
+        try:
+            from testcontainers.community.k3s import K3SContainer
+        except ImportError:  # testcontainers before the community/ move
+            from testcontainers.k3s import K3SContainer
 
         with K3SContainer() as k3s:
             yield TestCluster(backend, dict(yaml.safe_load(k3s.config_yaml())))
