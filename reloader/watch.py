@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar, cast
 
-from reloader.kube import Api, ApiError, ApiGone, ApiNotFound, classify
+from reloader.kube import Api, ApiError, ApiForbidden, ApiGone, ApiNotFound, classify
 from reloader.model import ObjectKey, RawObject, Resource
 
 log = logging.getLogger("reloader.watch")
@@ -47,7 +47,8 @@ T_contra = TypeVar("T_contra", contravariant=True)
 ALL_NAMESPACES: None = None
 PAGE_SIZE = 500
 ABSENT_RECHECK_SECONDS = 30.0
-"""How often an optional kind (a CRD) that the server does not serve is looked for again."""
+"""How often a scope we may not read (403), or an optional kind (a CRD) that the server does not
+serve, is tried again."""
 
 
 class Subscriber(Protocol[T_contra]):
@@ -196,6 +197,23 @@ class Informer(Generic[T]):
                         "resource not served; will check again",
                         extra={"kind": self.resource.kind, "retry_in": ABSENT_RECHECK_SECONDS},
                     )
+                self._remove_unlisted(namespace, set())
+                self._mark_synced(namespace)
+                resource_version = None
+                await asyncio.sleep(ABSENT_RECHECK_SECONDS)
+            except ApiForbidden as error:
+                # RBAC does not let us read this scope. Say so loudly, but do not hold the other
+                # namespaces hostage: the scope counts as listed (empty) and is tried again later.
+                self._restarts += 1
+                log.error(
+                    "forbidden to list or watch; check the RBAC of the controller's account",
+                    extra={
+                        "kind": self.resource.kind,
+                        "namespace": namespace or "*",
+                        "error": str(error),
+                        "retry_in": ABSENT_RECHECK_SECONDS,
+                    },
+                )
                 self._remove_unlisted(namespace, set())
                 self._mark_synced(namespace)
                 resource_version = None

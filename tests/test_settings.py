@@ -58,6 +58,13 @@ def test_stakater_single_namespace_variable(monkeypatch: pytest.MonkeyPatch) -> 
         pytest.param(["--debounce-seconds", "soon"], "debounce_seconds", id="not-a-number"),
         pytest.param(["--namespaces", "Bad_Name"], "not a namespace name", id="bad-namespace"),
         pytest.param(["--log-format", "xml"], "log_format", id="unknown-log-format"),
+        pytest.param(
+            ["--resources-to-ignore", "configmaps,secrets"], "cannot ignore both", id="ignore-both"
+        ),
+        pytest.param(["--resources-to-ignore", "pods"], "unknown resource", id="ignore-pods"),
+        pytest.param(["--ignored-workload-types", "pods"], "unknown workload", id="bad-kind"),
+        pytest.param(["--namespace-selector", "a:b:c=d"], "not a label selector", id="selector"),
+        pytest.param(["--reload-strategy", "restart"], "reload_strategy", id="bad-strategy"),
     ],
 )
 def test_invalid_settings_raise_one_line(argv: list[str], fragment: str) -> None:
@@ -77,3 +84,40 @@ def test_invalid_settings_exit_2_before_connecting() -> None:
     assert result.returncode == 2
     assert result.stderr.strip().startswith("reloader: invalid settings: workers")
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("items", "selector"),
+    [
+        ("team:payments", "team=payments"),
+        ("team=payments", "team=payments"),
+        ("team:*", "team"),
+        ("team=*", "team"),
+        ("team:a,tier!=web", "team=a,tier!=web"),
+        ("env in (prod)", "env in (prod)"),
+        ("!legacy", "!legacy"),
+    ],
+)
+def test_stakater_selector_forms_become_kubernetes_selectors(items: str, selector: str) -> None:
+    settings = load_settings(["--namespace-selector", items, "--resource-label-selector", items])
+    assert settings.namespace_label_selector == selector
+    assert settings.config_label_selector == selector
+
+
+def test_scoping_flags_choose_what_is_watched() -> None:
+    from reloader.model import KINDS
+
+    settings = load_settings(
+        ["--resources-to-ignore", "Secrets", "--ignored-workload-types", "jobs,CronJobs"]
+    )
+    assert settings.watches_config("ConfigMap")
+    assert not settings.watches_config("Secret")
+    watched = {name for name, kind in KINDS.items() if settings.watches_workload(kind)}
+    assert watched == {"Deployment", "StatefulSet", "DaemonSet"}
+    argo = load_settings(["--is-Argo-Rollouts"])
+    assert {n for n, k in KINDS.items() if argo.watches_workload(k)} >= {"Rollout", "Job"}
+
+
+def test_strategy_defaults_to_annotations_and_takes_stakater_values() -> None:
+    assert load_settings([]).reload_strategy == "annotations"
+    assert load_settings(["--reload-strategy", "env-vars"]).reload_strategy == "env-vars"
