@@ -225,14 +225,15 @@ class Restarter:
         self, workload: WorkloadSnapshot, decision: Decision, deps: Mapping[str, Dependency]
     ) -> None:
         kind, now, strategy = KINDS[workload.key.kind], self._clock(), self._policy.strategy
+        change = template_change(workload, decision, deps, strategy=strategy, now=now)
         if kind.restart == "create-job":
-            await self._run_cronjob(workload, decision, deps, now=now)
+            await self._run_cronjob(workload, decision, change)
         elif kind.restart == "recreate":
-            await self._recreate_job(workload, decision, deps, now=now)
+            await self._recreate_job(workload, decision, change)
         elif kind.restart == "rollout" and workload.policy.rollout_strategy == "restart":
             await self._patch(workload, restart_at_patch(workload, decision, now=now), decision)
         elif kind.restart == "rollout" and strategy == "env-vars":
-            await self._rollout_env_vars(workload, decision, deps, now=now)
+            await self._rollout_env_vars(workload, decision, change)
         else:
             pause = self._policy.paused_at_annotation if self._pauses(workload) else None
             patch = restart_patch(
@@ -254,17 +255,11 @@ class Restarter:
         return obj
 
     async def _run_cronjob(
-        self,
-        workload: WorkloadSnapshot,
-        decision: Decision,
-        deps: Mapping[str, Dependency],
-        *,
-        now: float,
+        self, workload: WorkloadSnapshot, decision: Decision, change: Mapping[str, Any]
     ) -> None:
         """Create a Job from the CronJob now, then record. The Job's name comes from the record, so
         a crash or retry between the two steps yields 409 on the second create, not a second run."""
         cronjob = await self._get(workload, decision)
-        change = template_change(workload, decision, deps, strategy=self._policy.strategy, now=now)
         job = job_from_cronjob(cronjob, change, record=decision)
         try:
             await self._api.create(JOBS.collection_path(workload.key.namespace), job)
@@ -275,18 +270,12 @@ class Restarter:
         await self._patch(workload, record_patch(workload, decision), decision)
 
     async def _recreate_job(
-        self,
-        workload: WorkloadSnapshot,
-        decision: Decision,
-        deps: Mapping[str, Dependency],
-        *,
-        now: float,
+        self, workload: WorkloadSnapshot, decision: Decision, change: Mapping[str, Any]
     ) -> None:
         """Delete the Job (only the very instance decided on: uid and resourceVersion
         preconditions) and create it again with the new record. This reruns it."""
         key = workload.key
         job = await self._get(workload, decision)
-        change = template_change(workload, decision, deps, strategy=self._policy.strategy, now=now)
         body = recreated_job(job, change, record=decision)
         path = JOBS.object_path(key.namespace, key.name)
         try:
@@ -310,16 +299,10 @@ class Restarter:
                 raise RestartFailed(key, decision, error) from error
 
     async def _rollout_env_vars(
-        self,
-        workload: WorkloadSnapshot,
-        decision: Decision,
-        deps: Mapping[str, Dependency],
-        *,
-        now: float,
+        self, workload: WorkloadSnapshot, decision: Decision, change: Mapping[str, Any]
     ) -> None:
         """Rollouts take merge patches only, which replace lists whole: send every container."""
         rollout = await self._get(workload, decision)
-        change = template_change(workload, decision, deps, strategy="env-vars", now=now)
         spec: dict[str, Any] = dict(rollout.get("spec") or {})
         pod_spec = (spec.get("template") or {}).get("spec") or {}
         containers = env_containers(list(pod_spec.get("containers") or []), change)

@@ -110,6 +110,12 @@ def env_from(kind: str, name: str) -> dict[str, Any]:
     return {"envFrom": [{ref: {"name": name}}]}
 
 
+def _metadata(
+    name: str, annotations: Mapping[str, str] | None, labels: Mapping[str, str] | None
+) -> dict[str, Any]:
+    return {"name": name, "annotations": dict(annotations or {}), "labels": dict(labels or {})}
+
+
 def writes(controller: Controller) -> float:
     """Records plus restarts (attempted) by one controller, from its own metrics.
 
@@ -143,12 +149,7 @@ class Cluster:
         annotations: Mapping[str, str] | None = None,
         labels: Mapping[str, str] | None = None,
     ) -> None:
-        metadata = {
-            "name": name,
-            "annotations": dict(annotations or {}),
-            "labels": dict(labels or {}),
-        }
-        body = {"metadata": metadata, "data": dict(data)}
+        body = {"metadata": _metadata(name, annotations, labels), "data": dict(data)}
         await self.api.create(CONFIGMAPS.collection_path(self.namespace), body)
 
     async def create_secret(
@@ -160,12 +161,7 @@ class Cluster:
         labels: Mapping[str, str] | None = None,
     ) -> None:
         encoded = {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}
-        metadata = {
-            "name": name,
-            "annotations": dict(annotations or {}),
-            "labels": dict(labels or {}),
-        }
-        body = {"metadata": metadata, "type": "Opaque", "data": encoded}
+        body = {"metadata": _metadata(name, annotations, labels), "type": "Opaque", "data": encoded}
         await self.api.create(SECRETS.collection_path(self.namespace), body)
 
     async def patch_configmap(self, name: str, patch: Mapping[str, Any]) -> None:
@@ -239,12 +235,7 @@ class Cluster:
 
     async def wait_recorded(self, name: str) -> dict[str, Any]:
         """Wait until the controller has recorded digests on the Deployment (first sight)."""
-
-        async def recorded() -> dict[str, Any] | None:
-            obj = await self.get_deployment(name)
-            return obj if RECORD_ANNOTATION in obj["metadata"].get("annotations", {}) else None
-
-        return await wait_for(recorded, message=f"digests recorded on {name}")
+        return await self.wait_recorded_on("Deployment", name)
 
     async def wait_replica_sets(self, name: str, count: int, *, timeout: float = 30) -> None:
         async def enough() -> bool:

@@ -43,7 +43,7 @@ async def test_pod_template_kinds_are_patched(scene: Cluster, kind: str) -> None
 
     marker = await scene.wait_marker(kind, "app")
     assert '"name":"cfg"' in marker
-    assert await scene.events("Reloaded")
+    await wait_for(lambda: scene.events("Reloaded"), message="a Reloaded Event")
 
 
 async def test_cronjob_change_creates_one_job_now(scene: Cluster) -> None:
