@@ -132,6 +132,8 @@ class Controller:
             on_dequeue=self.metrics.queue_latency.observe
         )
         self._changed_since: dict[WorkloadKey, float] = {}
+        self._running = self._working = False
+        self._watches: dict[str, asyncio.Task[None]] = {}
         context = SnapshotContext(
             digest_key=digest_key,
             names=settings.annotation_names(),
@@ -280,10 +282,12 @@ class Controller:
         return (not waiting, "ok" if not waiting else "waiting for " + ", ".join(waiting))
 
     def healthy(self) -> tuple[bool, str]:
-        return (self._running, "ok" if self._running else "not running")
-
-    _running = False
-    _working = False
+        """Alive while every watch loop runs (a loop that died takes the process down anyway;
+        this also covers the window before that and after a stop)."""
+        if not self._running:
+            return False, "not running"
+        dead = [name for name, task in self._watches.items() if task.done()]
+        return (not dead, "ok" if not dead else "watch loop ended: " + ", ".join(dead))
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -292,7 +296,10 @@ class Controller:
         self._running = True
         try:
             async with asyncio.TaskGroup() as group:
-                watches = [group.create_task(i.run()) for i in self.informers]
+                self._watches = {
+                    i.resource.plural: group.create_task(i.run()) for i in self.informers
+                }
+                watches = list(self._watches.values())
                 workers = group.create_task(self._work_when_synced())
                 await stop.wait()
                 log.info("stopping: finishing in-flight work")
