@@ -19,14 +19,17 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import orjson
 
 PER_KEY_DIGEST_BYTES = 16
-KeyDigests = tuple[tuple[str, bytes], ...]
-"""Per-data-key digests of one config, sorted by key: compact and hashable."""
+KeyDigests = tuple[str | bytes, ...]
+"""Per-data-key digests of one config: the sorted key names, then one bytes object holding their
+digests end to end. Flat because thousands are cached: one tuple and one bytes object per config
+instead of a tuple per key (read it with ``digest_items``)."""
 
 _ABSENT = b"\x00absent"
 
@@ -65,9 +68,18 @@ def key_digests(
     for source, tag in ((data, b"d"), (binary_data, b"b")):
         for name, value in (source or {}).items():
             mac = hmac.new(key.secret, _framed(tag, name.encode(), value.encode()), hashlib.sha256)
-            entries.append((name, mac.digest()[:PER_KEY_DIGEST_BYTES]))
+            # Interned: the same key names ("config.yaml", "password") recur across thousands.
+            entries.append((sys.intern(name), mac.digest()[:PER_KEY_DIGEST_BYTES]))
     entries.sort()
-    return tuple(entries)
+    return (*(name for name, _ in entries), b"".join(digest for _, digest in entries))
+
+
+def digest_items(digests: KeyDigests) -> dict[str, bytes]:
+    """Key name → digest, from the packed form."""
+    *names, packed = digests
+    assert isinstance(packed, bytes)
+    size = PER_KEY_DIGEST_BYTES
+    return {str(name): packed[i * size : (i + 1) * size] for i, name in enumerate(names)}
 
 
 def reference_digest(digests: KeyDigests, keys: frozenset[str] | None, *, key: DigestKey) -> str:
@@ -76,7 +88,7 @@ def reference_digest(digests: KeyDigests, keys: frozenset[str] | None, *, key: D
     A key the workload names but the config lacks counts as absent, so adding it later changes
     the digest (the pod would see the new key after a restart).
     """
-    present = dict(digests)
+    present = digest_items(digests)
     names = sorted(present) if keys is None else sorted(keys)
     mac = hmac.new(key.secret, b"reloader reference", hashlib.sha256)
     mac.update(b"all" if keys is None else b"some")

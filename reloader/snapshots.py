@@ -14,6 +14,7 @@ cache is small and holds no config values:
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -38,10 +39,19 @@ from reloader.references import find_references
 
 @dataclass(frozen=True, slots=True)
 class ConfigSnapshot:
-    key: ConfigKey
+    """Kept per cached ConfigMap/Secret, so every byte counts: identity fields are stored flat
+    (no nested key object) and repeated strings (namespaces, data key names) are interned."""
+
+    kind: ConfigKind
+    namespace: str
+    name: str
     digests: KeyDigests
     match: bool
     ignore: bool
+
+    @property
+    def key(self) -> ConfigKey:
+        return ConfigKey(self.kind, self.namespace, self.name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +104,9 @@ def config_snapshot(
     metadata = obj.get("metadata", {})
     annotations = _annotations(obj)
     return ConfigSnapshot(
-        key=ConfigKey(kind, metadata.get("namespace", ""), metadata.get("name", "")),
+        kind=kind,
+        namespace=sys.intern(metadata.get("namespace", "")),
+        name=metadata.get("name", ""),
         digests=key_digests(obj.get("data"), obj.get("binaryData"), key=context.digest_key),
         match=annotations.get(context.names.match) == "true",
         ignore=annotations.get(context.names.ignore) == "true",

@@ -7,7 +7,7 @@ import pickle
 from typing import Any
 
 from reloader.annotations import AnnotationNames
-from reloader.digests import DigestKey
+from reloader.digests import DigestKey, digest_items
 from reloader.model import KINDS, ConfigRef
 from reloader.snapshots import SnapshotContext, config_snapshot, workload_snapshot
 
@@ -34,7 +34,7 @@ def test_a_secret_snapshot_holds_no_value_in_any_form() -> None:
 
     assert VALUE.encode() not in dumped
     assert encoded not in dumped
-    assert [key for key, _ in snapshot.digests] == ["password"]
+    assert list(digest_items(snapshot.digests)) == ["password"]
 
 
 def test_config_flags_and_equality() -> None:
