@@ -23,9 +23,9 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 from reloader import logs
 from reloader.digests import DigestKey
@@ -56,6 +56,7 @@ from reloader.snapshots import (
 from reloader.watch import Backoff, Informer
 
 log = logging.getLogger("reloader")
+T = TypeVar("T")
 HASH_KEY_FIELD = "key"
 
 
@@ -303,9 +304,12 @@ class Controller:
                 workers = group.create_task(self._work_when_synced())
                 await stop.wait()
                 log.info("stopping: finishing in-flight work")
-                # Drain only once workers run; before that nobody would take the queued keys.
+                # Drain only once workers run; before that nobody would take the queued keys, and
+                # the task still waiting for the caches is simply cancelled.
                 await self.queue.shutdown(drain=self._working)
-                await workers
+                if not self._working:
+                    workers.cancel()
+                await asyncio.gather(workers, return_exceptions=True)
                 for task in watches:
                     task.cancel()
         finally:
@@ -331,6 +335,17 @@ class Controller:
                 )
 
 
+async def _unless_stopped(work: Coroutine[Any, Any, T], stop: asyncio.Event) -> T | None:
+    """``work``'s result, or None if ``stop`` is set first (SIGTERM while the API is down)."""
+    task, stopped = asyncio.ensure_future(work), asyncio.ensure_future(stop.wait())
+    await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    for pending in (task, stopped):
+        if not pending.done():
+            pending.cancel()
+    await asyncio.gather(task, stopped, return_exceptions=True)
+    return task.result() if not task.cancelled() else None
+
+
 async def run(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -339,7 +354,9 @@ async def run(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
             loop.add_signal_handler(signum, stop.set)
     api = await connect(kubeconfig=settings.kubeconfig)
     try:
-        digest_key = await load_digest_key(api, settings)
+        digest_key = await _unless_stopped(load_digest_key(api, settings), stop)
+        if digest_key is None:
+            return
         controller = Controller(settings=settings, api=api, digest_key=digest_key)
         app = build_app(
             registry=controller.metrics.registry, healthy=controller.healthy, ready=controller.ready

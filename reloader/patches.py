@@ -286,5 +286,10 @@ def recreated_job(job: RawObject, change: Mapping[str, Any], *, record: Decision
         "spec": spec,
     }
     if metadata.get("ownerReferences"):
-        body["metadata"]["ownerReferences"] = metadata["ownerReferences"]
+        # Without blockOwnerDeletion: setting it needs update on the owner's finalizers, which a
+        # least-privilege role cannot grant for owners of any kind.
+        body["metadata"]["ownerReferences"] = [
+            {k: v for k, v in ref.items() if k != "blockOwnerDeletion"}
+            for ref in metadata["ownerReferences"]
+        ]
     return body

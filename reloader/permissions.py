@@ -58,7 +58,9 @@ class Permission:
         return f"{self.verb} {where}" + (f" {self.name!r}" if self.name else "")
 
 
-Feature = Literal["always", "cronjobs-and-jobs", "argo-rollouts", "namespace-selector", "digest-key"]
+Feature = Literal[
+    "always", "cronjobs-and-jobs", "argo-rollouts", "namespace-selector", "digest-key"
+]
 
 
 def _grant(

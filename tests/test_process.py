@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -137,3 +138,47 @@ def _probe(port: int, path: str):  # type: ignore[no-untyped-def]
 async def _secret_exists(api: Api, namespace: str, name: str) -> bool:
     secret = await api.get(SECRETS.object_path(namespace, name))
     return bool(secret.get("data", {}).get("key"))
+
+
+@pytest.mark.parametrize(
+    "hash_key",
+    [
+        pytest.param("", id="waiting-for-the-key-secret"),
+        pytest.param("a-digest-key-of-enough-length", id="waiting-for-the-first-list"),
+    ],
+)
+async def test_sigterm_while_the_api_server_is_unreachable_exits_promptly(
+    tmp_path: Path, hash_key: str
+) -> None:
+    """A pod that never got to talk to the API server must still stop when Kubernetes asks."""
+    kubeconfig = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "c", "cluster": {"server": f"https://127.0.0.1:{free_port()}"}}],
+        "users": [{"name": "u", "user": {"token": "t"}}],
+        "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}],
+        "current-context": "c",
+    }
+    path = tmp_path / "kubeconfig"
+    path.write_text(yaml.safe_dump(kubeconfig))
+    env = {k: v for k, v in os.environ.items() if k != "RELOADER_HASH_KEY"}
+    if hash_key:
+        env["RELOADER_HASH_KEY"] = hash_key
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "reloader",
+            f"--kubeconfig={path}",
+            f"--metrics-port={free_port()}",
+            "--metrics-address=127.0.0.1",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    await asyncio.sleep(3)
+    assert process.poll() is None, "exited on its own"
+    process.send_signal(signal.SIGTERM)
+    code = await asyncio.to_thread(process.wait, 15)
+    assert code == 0

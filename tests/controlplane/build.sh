@@ -24,12 +24,14 @@ MINOR="$(echo "$K8S_VERSION" | cut -d. -f2)"
 
 log() { echo "build-control-plane: $*" >&2; }
 
+# No `grep -q`: it exits at the first match, and a binary still printing its next version line then
+# dies of SIGPIPE, which fails the pipeline (pipefail) and so the check, about one run in five.
 is_built() {
   [ -x "$OUT/kube-apiserver" ] && [ -x "$OUT/kube-controller-manager" ] && [ -x "$OUT/etcd" ] \
     && [ -x "$OUT/kubectl" ] \
-    && "$OUT/kube-apiserver" --version 2>/dev/null | grep -qx "Kubernetes v$K8S_VERSION" \
-    && "$OUT/kubectl" version --client 2>/dev/null | grep -qx "Client Version: v$K8S_VERSION" \
-    && "$OUT/etcd" --version 2>/dev/null | grep -q "etcd Version: ${ETCD_VERSION#v}"
+    && "$OUT/kube-apiserver" --version 2>/dev/null | grep -x "Kubernetes v$K8S_VERSION" >/dev/null \
+    && "$OUT/kubectl" version --client 2>/dev/null | grep -x "Client Version: v$K8S_VERSION" >/dev/null \
+    && "$OUT/etcd" --version 2>/dev/null | grep "etcd Version: ${ETCD_VERSION#v}" >/dev/null
 }
 
 if is_built; then
