@@ -213,7 +213,9 @@ class Restarter:
         except RestartFailed as failure:
             if isinstance(failure.error, ApiNotFound):
                 return Outcome("gone")  # deleted since we read it; nothing left to restart
-            if decision.action == "restart":
+            if decision.action == "restart" and not failure.error.retryable:
+                # Retryable errors (409, 429, 5xx) are counted as retries; only a restart that
+                # cannot happen counts as a failed reload.
                 self._metrics.count_reload(namespace=key.namespace, success=False)
             raise
         await self._restarted(workload, decision)
