@@ -150,7 +150,8 @@ def decide(
         return Decision("record", Recorded.of(key_id, record), (), "first sight")
     if recorded.key_id != key_id:
         record = _next_record({}, deps, reload_on_delete=reload_on_delete)
-        return Decision("record", Recorded.of(key_id, record), (), "digest key changed")
+        rekeyed = Recorded.of(key_id, record, restarted_at=recorded.restarted_at)
+        return Decision("record", rekeyed, (), "digest key changed")
     before = recorded.as_dict()
     changed = [
         i for i, d in deps.items() if d.digest is not None and before.get(i, d.digest) != d.digest
@@ -160,7 +161,11 @@ def decide(
     triggers = (
         changed + (created if reload_on_create else []) + (deleted if reload_on_delete else [])
     )
-    updated = Recorded.of(key_id, _next_record(before, deps, reload_on_delete=reload_on_delete))
+    updated = Recorded.of(
+        key_id,
+        _next_record(before, deps, reload_on_delete=reload_on_delete),
+        restarted_at=recorded.restarted_at,  # the restarter stamps a new time when it restarts
+    )
     if triggers:
         return Decision("restart", updated, tuple(sorted(triggers)), "config changed")
     if updated != recorded:

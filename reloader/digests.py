@@ -102,23 +102,30 @@ class Recorded:
     """The digests recorded on a workload: what its running pods were started with.
 
     ``configs`` maps a config id (``ConfigMap/name`` or ``Secret/name``; the namespace is the
-    workload's own) to its reference digest.
+    workload's own) to its reference digest. ``restarted_at`` (Unix seconds) is when the controller
+    last restarted the workload: the minimum restart interval is measured from it, for every kind
+    and strategy (a CronJob or the env-vars strategy leave no other trace on the object).
     """
 
     key_id: str
     configs: tuple[tuple[str, str], ...]
+    restarted_at: int | None = None
 
     def as_dict(self) -> dict[str, str]:
         return dict(self.configs)
 
     @classmethod
-    def of(cls, key_id: str, configs: Mapping[str, str]) -> Recorded:
-        return cls(key_id=key_id, configs=tuple(sorted(configs.items())))
+    def of(
+        cls, key_id: str, configs: Mapping[str, str], *, restarted_at: int | None = None
+    ) -> Recorded:
+        return cls(key_id, tuple(sorted(configs.items())), restarted_at)
 
 
 def encode_record(record: Recorded) -> str:
     """The annotation value; stable (sorted) so an unchanged record is never rewritten."""
-    body = {"keyId": record.key_id, "configs": dict(record.configs)}
+    body: dict[str, object] = {"keyId": record.key_id, "configs": dict(record.configs)}
+    if record.restarted_at is not None:
+        body["restartedAt"] = record.restarted_at
     return orjson.dumps(body, option=orjson.OPT_SORT_KEYS).decode()
 
 
@@ -137,4 +144,7 @@ def decode_record(value: str | None) -> Recorded | None:
         return None
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in configs.items()):
         return None
-    return Recorded.of(key_id, configs)
+    restarted_at = body.get("restartedAt")
+    if not isinstance(restarted_at, int) or isinstance(restarted_at, bool):
+        restarted_at = None
+    return Recorded.of(key_id, configs, restarted_at=restarted_at)

@@ -25,6 +25,7 @@ import hashlib
 import re
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any, Literal
 
 import orjson
@@ -109,10 +110,9 @@ def template_change(
 
 
 def _env_entry(dep: Dependency) -> dict[str, Any]:
-    name = env_var_name(dep.kind, dep.name)
-    if dep.digest is None:
-        return {"name": name, "$patch": "delete"}
-    return {"name": name, "value": dep.digest}
+    """A deleted config gets an empty value rather than a removed variable: removing one that was
+    never set would change nothing, and a restart must change the template."""
+    return {"name": env_var_name(dep.kind, dep.name), "value": dep.digest or ""}
 
 
 def record_patch(workload: WorkloadSnapshot, decision: Decision) -> dict[str, Any]:
@@ -191,7 +191,7 @@ def env_containers(
             for e in container.get("env") or []
             if e.get("name") not in {x["name"] for x in entries}
         ]
-        env += [e for e in entries if "$patch" not in e]
+        env += entries
         updated.append({**container, "env": env})
     return updated
 
@@ -226,7 +226,9 @@ def job_from_cronjob(
     metadata = cronjob.get("metadata", {})
     template = cronjob.get("spec", {}).get("jobTemplate", {})
     template_meta = template.get("metadata") or {}
-    suffix = hashlib.sha256(encode_record(record.record).encode()).hexdigest()[:8]
+    # Named from the digests only (not the restart time), so a retry computes the same name.
+    digests_only = replace(record.record, restarted_at=None)
+    suffix = hashlib.sha256(encode_record(digests_only).encode()).hexdigest()[:8]
     name = f"{metadata.get('name', 'cronjob')[: 63 - len(suffix) - 8]}-reload-{suffix}"
     spec = dict(template.get("spec") or {})
     spec["template"] = apply_template_change(dict(spec.get("template") or {}), change)

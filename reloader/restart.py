@@ -26,7 +26,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from reloader.decide import Decision, Dependency, decide, dependencies
@@ -227,6 +227,8 @@ class Restarter:
         self, workload: WorkloadSnapshot, decision: Decision, deps: Mapping[str, Dependency]
     ) -> None:
         kind, now, strategy = KINDS[workload.key.kind], self._clock(), self._policy.strategy
+        assert decision.record is not None
+        decision = replace(decision, record=replace(decision.record, restarted_at=int(now)))
         change = template_change(workload, decision, deps, strategy=strategy, now=now)
         if kind.restart == "create-job":
             await self._run_cronjob(workload, decision, change)

@@ -124,6 +124,13 @@ def _restart_time(template_annotations: Mapping[str, str]) -> float | None:
     return None
 
 
+def _last_restart(recorded: Recorded | None, template: Mapping[str, str]) -> float | None:
+    """From our record; else from a Stakater-style marker (a workload Stakater restarted)."""
+    if recorded is not None and recorded.restarted_at is not None:
+        return float(recorded.restarted_at)
+    return _restart_time(template)
+
+
 def _container_names(pod_spec: object) -> tuple[str, ...]:
     containers = pod_spec.get("containers") if isinstance(pod_spec, dict) else None
     if not isinstance(containers, list):
@@ -147,6 +154,7 @@ def workload_snapshot(
 ) -> WorkloadSnapshot:
     """Reduce a workload to what the decision needs; references only when it opts in."""
     metadata = obj.get("metadata", {})
+    recorded = decode_record(_annotations(obj).get(RECORD_ANNOTATION))
     template = pod_template(obj, kind)
     template_annotations = _annotations(template)
     policy, problems = parse_policy(
@@ -162,8 +170,8 @@ def workload_snapshot(
         references=find_references(pod_spec or {}) if policy.opted_in else frozenset(),
         policy=policy,
         problems=problems,
-        recorded=decode_record(_annotations(obj).get(RECORD_ANNOTATION)),
-        last_restart_at=_restart_time(template_annotations),
+        recorded=recorded,
+        last_restart_at=_last_restart(recorded, template_annotations),
         containers=_container_names(pod_spec),
         paused=isinstance(spec, dict) and spec.get("paused") is True,
         paused_at=_rfc3339(_annotations(obj).get(context.names.paused_at)),

@@ -83,3 +83,9 @@ def test_record_round_trips() -> None:
 )
 def test_malformed_record_reads_as_none(value: str | None) -> None:
     assert decode_record(value) is None
+
+
+def test_restart_time_round_trips_and_is_optional() -> None:
+    stamped = Recorded.of("k", {"ConfigMap/a": "d"}, restarted_at=1700000000)
+    assert decode_record(encode_record(stamped)) == stamped
+    assert decode_record('{"keyId":"k","configs":{},"restartedAt":"soon"}') == Recorded.of("k", {})

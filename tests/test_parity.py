@@ -74,6 +74,24 @@ async def test_cronjob_change_creates_one_job_now(scene: Cluster) -> None:
     assert len(await scene.jobs()) == 1, "a controller restart must not run the job again"
 
 
+async def test_flapping_config_runs_a_cronjob_at_most_once_per_interval(scene: Cluster) -> None:
+    """The minimum interval applies to kinds whose restart leaves no marker on the object."""
+    await with_cfg(scene)
+    await scene.create_workload(
+        workload("CronJob", "nightly", annotations=AUTO, containers=USES_CFG)
+    )
+    await scene.start_controller(debounce_seconds=0.05, min_restart_interval_seconds=30)
+    await scene.wait_recorded_on("CronJob", "nightly")
+
+    for value in range(2, 12):
+        await change_cfg(scene, str(value))
+        await asyncio.sleep(0.1)
+
+    await wait_for(scene.jobs, message="the first Job")
+    await asyncio.sleep(2)
+    assert len(await scene.jobs()) == 1
+
+
 async def test_job_is_replaced_once(scene: Cluster) -> None:
     await with_cfg(scene)
     await scene.create_workload(workload("Job", "migrate", annotations=AUTO, containers=USES_CFG))

@@ -87,12 +87,10 @@ def test_env_vars_patch_sets_the_variable_in_every_container() -> None:
     assert "metadata" not in patch["spec"]["template"]
 
 
-def test_deleted_config_removes_the_env_var() -> None:
+def test_deleted_config_empties_the_env_var_so_the_template_changes() -> None:
     deleted = Decision("restart", Recorded.of("k", {}), ("Secret/gone",), "deleted")
     change = template_change(snapshot(), deleted, {}, strategy="env-vars", now=NOW)
-    assert change["spec"]["containers"][0]["env"] == [
-        {"name": "STAKATER_GONE_SECRET", "$patch": "delete"}
-    ]
+    assert change["spec"]["containers"][0]["env"] == [{"name": "STAKATER_GONE_SECRET", "value": ""}]
 
 
 def test_pause_rides_on_the_restart_patch() -> None:

@@ -8,10 +8,13 @@ If this fails, every other cluster test is meaningless.
 
 from __future__ import annotations
 
+import pytest
 from kubernetes_asyncio import client, config
 
 from tests.conftest import TestCluster
 from tests.scenario import Cluster, container, deployment, wait_for
+
+pytestmark = pytest.mark.cluster
 
 
 async def test_pod_template_patch_creates_a_second_replica_set(
