@@ -115,7 +115,11 @@ async def _read_or_create_key(api: Api, path: str, namespace: str, name: str) ->
         raise ApiError(
             0, "InvalidKeySecret", f"secret {namespace}/{name} has no '{HASH_KEY_FIELD}'"
         )
-    return DigestKey.from_secret(base64.b64decode(encoded_key))
+    try:
+        return DigestKey.from_secret(base64.b64decode(encoded_key))
+    except ValueError as error:  # too short, or not base64: fixable by editing the Secret
+        message = f"secret {namespace}/{name} key '{HASH_KEY_FIELD}': {error}"
+        raise ApiError(0, "InvalidKeySecret", message) from error
 
 
 class Controller:
@@ -383,5 +387,9 @@ async def run(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     settings = load_settings_or_exit(sys.argv[1:] if argv is None else argv)
     logs.configure(level=settings.log_level, fmt=settings.log_format)
+    for flag in settings.ignored_compatibility_flags():
+        log.warning(
+            "flag accepted for compatibility but not supported; ignored", extra={"flag": flag}
+        )
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(run(settings))

@@ -106,7 +106,8 @@ class Metrics:
             self.reload_executed.labels(success=success)
         self.by_namespace = by_namespace
         self._by_namespace: collections.Counter[tuple[str, str]] = collections.Counter()
-        r.register(_ByNamespaceCollector(self._by_namespace))
+        if by_namespace:
+            r.register(_ByNamespaceCollector(self._by_namespace))
         self.action_total = Counter(
             "reloader_action",
             "Restarts by workload kind and result.",

@@ -37,6 +37,7 @@ from reloader.model import (
     EVENTS,
     JOBS,
     KINDS,
+    RECORD_ANNOTATION,
     ConfigKind,
     RawObject,
     WorkloadKey,
@@ -109,12 +110,18 @@ class Restarter:
         self._in_scope = in_scope
         self._clock = clock
         self._reported: dict[WorkloadKey, tuple[object, ...]] = {}
+        self._unborn_jobs: dict[WorkloadKey, dict[str, Any]] = {}
+        """Jobs deleted for a restart whose re-creation has not succeeded yet: kept here because
+        the cache no longer has them, so a retry would otherwise find nothing and drop them."""
 
     def current(self, key: WorkloadKey) -> WorkloadSnapshot | None:
         informer = self._workloads.get(key.kind)
         return informer.get(key.namespace, key.name) if informer is not None else None
 
     async def sync(self, key: WorkloadKey) -> Outcome:
+        if key in self._unborn_jobs:
+            await self._create_job(key, self._unborn_jobs[key])
+            return Outcome("restart")
         workload = self.current(key)
         if workload is None:
             self._reported.pop(key, None)
@@ -282,6 +289,7 @@ class Restarter:
         job = await self._get(workload, decision)
         body = recreated_job(job, change, record=decision)
         path = JOBS.object_path(key.namespace, key.name)
+        self._unborn_jobs[key] = body
         try:
             await self._api.delete(
                 path,
@@ -289,18 +297,43 @@ class Restarter:
                 preconditions={"uid": workload.uid, "resourceVersion": workload.resource_version},
             )
         except ApiError as error:
+            del self._unborn_jobs[key]
             raise RestartFailed(key, decision, error) from error
+        await self._create_job(key, body)
+
+    async def _create_job(self, key: WorkloadKey, body: dict[str, Any]) -> None:
+        """Create the replacement Job, waiting out the old one's removal; on failure it stays in
+        ``_unborn_jobs`` and the retry comes back here."""
+        decision = Decision("restart", None, (), "re-creating the job")
         deadline = time.monotonic() + JOB_RECREATE_TIMEOUT
         while True:
             try:
                 await self._api.create(JOBS.collection_path(key.namespace), body)
-                return
-            except ApiConflict as error:  # the old Job is still being removed
+            except ApiConflict as error:  # the old Job is still being removed, or ours exists
+                if await self._job_is(key, body):
+                    self._unborn_jobs.pop(key, None)
+                    return
                 if time.monotonic() > deadline:
                     raise RestartFailed(key, decision, error) from error
                 await asyncio.sleep(0.2)
             except ApiError as error:
+                if not error.retryable:
+                    self._unborn_jobs.pop(key, None)  # the server refuses it for good
                 raise RestartFailed(key, decision, error) from error
+            else:
+                self._unborn_jobs.pop(key, None)
+                return
+
+    async def _job_is(self, key: WorkloadKey, body: dict[str, Any]) -> bool:
+        """Whether the Job now under that name is the one we meant to create (same record)."""
+        try:
+            current = await self._api.get(JOBS.object_path(key.namespace, key.name))
+        except ApiError:
+            return False
+        ours = body["metadata"]["annotations"].get(RECORD_ANNOTATION)
+        return bool(
+            current.get("metadata", {}).get("annotations", {}).get(RECORD_ANNOTATION) == ours
+        )
 
     async def _rollout_env_vars(
         self, workload: WorkloadSnapshot, decision: Decision, change: Mapping[str, Any]

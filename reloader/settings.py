@@ -24,6 +24,31 @@ from reloader.model import KINDS, WorkloadKind
 
 CommaList = Annotated[list[str], NoDecode]
 WORKLOAD_TYPE_NAMES = tuple(sorted(kind.setting_name for kind in KINDS.values()))
+SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+
+
+def _service_account_namespace() -> str:
+    """The pod's namespace when POD_NAMESPACE is not set (Stakater's chart does not set it)."""
+    try:
+        with open(SERVICE_ACCOUNT_NAMESPACE) as file:
+            return file.read().strip() or "reloader"
+    except OSError:
+        return "reloader"
+
+
+def _split_outside_parentheses(text: str) -> list[str]:
+    parts, depth, current = [], 0, ""
+    for char in text:
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    parts.append(current)
+    return [part.strip() for part in parts if part.strip()]
+
+
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
 
@@ -42,7 +67,7 @@ class Settings(BaseSettings):
     )
     namespaces_to_ignore: CommaList = Field(
         default_factory=list,
-        **_flag("--namespaces-to-ignore", "Namespaces never acted on (cluster-wide mode)."),
+        **_flag("--namespaces-to-ignore", "Namespaces never acted on, in every mode."),
     )
     reload_on_create: bool = Field(
         default=False,
@@ -75,8 +100,8 @@ class Settings(BaseSettings):
         default=5.0, gt=0, description="Global restarts per second allowed (token bucket rate)."
     )
     restart_burst: int = Field(default=50, ge=1, description="Global restart burst size.")
-    log_level: Literal["trace", "debug", "info", "warning", "error", "fatal", "panic"] = Field(
-        default="info", **_flag("--log-level", "Log level.")
+    log_level: Literal["trace", "debug", "info", "warn", "warning", "error", "fatal", "panic"] = (
+        Field(default="info", **_flag("--log-level", "Log level."))
     )
     log_format: Literal["json", "text", ""] = Field(
         default="",
@@ -94,6 +119,7 @@ class Settings(BaseSettings):
     )
     hash_key: SecretStr | None = Field(
         default=None,
+        min_length=16,
         description="Key for config digests. Unset: read (or create) the hash key Secret.",
     )
     hash_key_secret: str = Field(
@@ -101,7 +127,7 @@ class Settings(BaseSettings):
         description="Secret in the controller's namespace holding the digest key (key 'key').",
     )
     controller_namespace: str = Field(
-        default_factory=lambda: os.environ.get("POD_NAMESPACE", "reloader"),
+        default_factory=lambda: os.environ.get("POD_NAMESPACE") or _service_account_namespace(),
         description="The controller's own namespace (POD_NAMESPACE in a pod).",
     )
     stall_timeout_seconds: float = Field(
@@ -152,6 +178,30 @@ class Settings(BaseSettings):
         default="deployment.reloader.stakater.com/paused-at",
         **_flag("--pause-deployment-time-annotation", "Rename the paused-at annotation."),
     )
+    sync_after_restart: bool = Field(
+        default=False,
+        **_flag(
+            "--sync-after-restart",
+            "Accepted for Stakater compatibility and not needed: changes made while the "
+            "controller was down are found on start anyway.",
+        ),
+    )
+    enable_ha: bool = Field(
+        default=False,
+        **_flag(
+            "--enable-ha",
+            "Accepted for Stakater compatibility; leader election is not implemented yet, so "
+            "run one replica (a warning is logged).",
+        ),
+    )
+    enable_pprof: bool = Field(
+        default=False,
+        **_flag("--enable-pprof", "Accepted for Stakater compatibility; ignored (with a warning)."),
+    )
+    pprof_addr: str = Field(
+        default=":6060",
+        **_flag("--pprof-addr", "Accepted for Stakater compatibility; ignored."),
+    )
     auto_annotation: str = Field(
         default="reloader.stakater.com/auto", **_flag("--auto-annotation", "Rename 'auto'.")
     )
@@ -194,8 +244,12 @@ class Settings(BaseSettings):
     )
     @classmethod
     def _split_comma_list(cls, value: object) -> object:
+        """``a,b`` → [a, b]; a repeated flag gives a list of such strings, which add up (as
+        Stakater's string-slice flags do). Commas inside parentheses (``k in (a,b)``) stay."""
         if isinstance(value, str):
-            return [item.strip() for item in value.split(",") if item.strip()]
+            value = [value]
+        if isinstance(value, list) and all(isinstance(item, str) for item in value):
+            return [part for item in value for part in _split_outside_parentheses(item)]
         return value
 
     @field_validator("namespaces", "namespaces_to_ignore")
@@ -241,6 +295,11 @@ class Settings(BaseSettings):
         if single and not self.namespaces:
             object.__setattr__(self, "namespaces", [single])
         return self
+
+    def ignored_compatibility_flags(self) -> list[str]:
+        """Stakater flags that are accepted so existing installs start, but do nothing here."""
+        ignored = {"--enable-ha": self.enable_ha, "--enable-pprof": self.enable_pprof}
+        return [flag for flag, given in ignored.items() if given]
 
     @property
     def cluster_wide(self) -> bool:
@@ -327,6 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
         options: dict[str, Any] = {"dest": name, "help": f"{field.description} [{env}]"}
         if field.annotation is bool:
             options.update(nargs="?", const="true", metavar="BOOL")  # `--flag` or `--flag=false`
+        elif field.annotation == list[str]:
+            options.update(action="append", metavar="A,B")  # repeated flags add up
         else:
             options["metavar"] = "VALUE"
         parser.add_argument(flag, **options)

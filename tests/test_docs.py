@@ -130,7 +130,7 @@ def test_each_documented_flag_is_one_the_parser_accepts(name: str) -> None:
     flag = flag_name(name, Settings.model_fields[name])
     parsed, unknown = build_parser().parse_known_args([f"{flag}=x"])
     assert unknown == [], f"{flag} is not a flag of `reloader`"
-    assert vars(parsed) == {name: "x"}, f"{flag} does not set {name}"
+    assert vars(parsed) in ({name: "x"}, {name: ["x"]}), f"{flag} does not set {name}"
 
 
 # --- every flag, variable and annotation is documented ------------------------------------------

@@ -65,6 +65,7 @@ def test_stakater_single_namespace_variable(monkeypatch: pytest.MonkeyPatch) -> 
         pytest.param(["--ignored-workload-types", "pods"], "unknown workload", id="bad-kind"),
         pytest.param(["--namespace-selector", "a:b:c=d"], "not a label selector", id="selector"),
         pytest.param(["--reload-strategy", "restart"], "reload_strategy", id="bad-strategy"),
+        pytest.param(["--hash-key", "short"], "hash_key", id="short-hash-key"),
     ],
 )
 def test_invalid_settings_raise_one_line(argv: list[str], fragment: str) -> None:
@@ -121,3 +122,21 @@ def test_scoping_flags_choose_what_is_watched() -> None:
 def test_strategy_defaults_to_annotations_and_takes_stakater_values() -> None:
     assert load_settings([]).reload_strategy == "annotations"
     assert load_settings(["--reload-strategy", "env-vars"]).reload_strategy == "env-vars"
+
+
+def test_repeated_list_flags_add_up_and_selectors_keep_their_commas() -> None:
+    settings = load_settings(
+        [
+            "--namespaces=a,b",
+            "--namespaces=c",
+            "--namespace-selector=tier in (web,api)",
+            "--namespace-selector=team:x",
+        ]
+    )
+    assert settings.namespaces == ["a", "b", "c"]
+    assert settings.namespace_label_selector == "tier in (web,api),team=x"
+
+
+def test_stakater_only_flags_are_accepted_and_reported_as_ignored() -> None:
+    settings = load_settings(["--enable-ha", "--sync-after-restart", "--pprof-addr=:6061"])
+    assert settings.ignored_compatibility_flags() == ["--enable-ha"]

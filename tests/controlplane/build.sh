@@ -34,6 +34,12 @@ is_built() {
     && "$OUT/etcd" --version 2>/dev/null | grep "etcd Version: ${ETCD_VERSION#v}" >/dev/null
 }
 
+if [ -n "${RELOADER_TESTENV_BIN:-}" ]; then
+  log "using the binaries in RELOADER_TESTENV_BIN=$RELOADER_TESTENV_BIN (not building)"
+  echo "$RELOADER_TESTENV_BIN"
+  exit 0
+fi
+
 if is_built; then
   log "binaries for Kubernetes v$K8S_VERSION and etcd $ETCD_VERSION already in $OUT"
   echo "$OUT"
