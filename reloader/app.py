@@ -387,6 +387,8 @@ async def run(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     settings = load_settings_or_exit(sys.argv[1:] if argv is None else argv)
     logs.configure(level=settings.log_level, fmt=settings.log_format)
+    if settings.namespace_selector and not settings.cluster_wide:
+        log.warning("--namespace-selector applies only when watching all namespaces; ignored")
     for flag in settings.ignored_compatibility_flags():
         log.warning(
             "flag accepted for compatibility but not supported; ignored", extra={"flag": flag}
