@@ -93,6 +93,11 @@ def by_verb(requests: Iterable[Request]) -> dict[str, int]:
     return dict(sorted(Counter(r.verb for r in requests).items()))
 
 
+def failures(requests: Iterable[Request]) -> dict[str, int]:
+    """Requests answered with an error, by status code (409: a conflict the controller retried)."""
+    return dict(sorted(Counter(str(r.code) for r in requests if r.code >= 400).items()))
+
+
 def writes(requests: Iterable[Request], *, since: float = 0.0, until: float = float("inf")) -> int:
     """Write requests received in [since, until) (epoch seconds)."""
     return sum(1 for r in requests if r.verb in WRITE_VERBS and since <= r.at < until)

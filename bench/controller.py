@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import psutil
+import psutil  # type: ignore[import-untyped]
 
 from tests.controlplane.envtest import free_port
 
@@ -211,10 +211,10 @@ class RunningController:
     def running(self) -> bool:
         return self._popen is not None and self._popen.poll() is None
 
-    async def wait_ready(self, *, timeout: float = 180.0) -> float:
+    async def wait_ready(self, *, limit: float = 180.0) -> float:
         """Seconds from spawn until the ready path answers 200 (fixed 3 s when it is empty)."""
         path = self.contender.ready_path
-        deadline = self._started + timeout
+        deadline = self._started + limit
         while True:
             if not self.running():
                 raise RuntimeError(f"{self.contender.name} exited; see {self.log_path}")
@@ -224,7 +224,7 @@ class RunningController:
             if await asyncio.to_thread(http_status, self.url + path) == 200:
                 break
             if time.monotonic() > deadline:
-                raise RuntimeError(f"{self.contender.name} not ready in {timeout}s")
+                raise RuntimeError(f"{self.contender.name} not ready in {limit}s")
             await asyncio.sleep(0.05)
         self.ready_seconds = time.monotonic() - self._started
         return self.ready_seconds

@@ -24,12 +24,19 @@ from pathlib import Path
 from typing import Any
 
 from bench import cluster
-from bench.apicost import AuditLog, by_verb, writes
+from bench.apicost import AuditLog, by_verb, failures, writes
 from bench.cluster import BenchPlane
 from bench.controller import Contender, Launch, RunningController, Sample
 from bench.observe import Observer, WriteLog, latencies, observing
 from reloader.kube import Api
-from reloader.model import ConfigKey, ConfigKind, WorkloadKey, WorkloadKindName
+from reloader.model import (
+    CONFIG_RESOURCES,
+    KINDS,
+    ConfigKey,
+    ConfigKind,
+    WorkloadKey,
+    WorkloadKindName,
+)
 
 SETTLE_QUIET = 1.0
 QUIET = 2.0
@@ -51,7 +58,7 @@ class Bench:
 
 @dataclass(frozen=True)
 class Planned:
-    """A workload a scenario creates, the configs it uses and the rollouts each semantics expects."""
+    """A workload a scenario creates, the configs it uses, the rollouts each semantics expects."""
 
     key: WorkloadKey
     body: Mapping[str, Any]
@@ -72,6 +79,7 @@ class RunResult:
     latencies: list[float]
     requests: dict[str, int]
     run_requests: dict[str, int]
+    failed_requests: dict[str, int]
     startup_writes: int
     peak_rss: int
     steady_rss: int
@@ -122,7 +130,7 @@ class ScenarioContext:
         items = []
         for key in keys:
             self._sizes[key] = size
-            path = cluster.CONFIG_RESOURCES[key.kind].collection_path(key.namespace)
+            path = CONFIG_RESOURCES[key.kind].collection_path(key.namespace)
             items.append((path, cluster.config_body(key, self._data(key))))
         await cluster.create_many(self.api, items)
 
@@ -159,15 +167,15 @@ class ScenarioContext:
 
     async def delete_workloads(self, keys: Iterable[WorkloadKey]) -> None:
         for key in keys:
-            path = cluster.KINDS[key.kind].resource.object_path(key.namespace, key.name)
+            path = KINDS[key.kind].resource.object_path(key.namespace, key.name)
             await self.api.delete(path)
             self.planned.pop(key, None)
 
     # --- settling ------------------------------------------------------------------------------
 
-    async def settled(self, *, timeout: float = 120.0) -> None:
+    async def settled(self, *, limit: float = 60.0) -> None:
         """Wait until the controller has seen every planned workload and the cluster is quiet."""
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + limit
         while time.monotonic() < deadline:
             quiet = time.monotonic() - self.observer.last_event >= SETTLE_QUIET
             if quiet and self._all_recorded():
@@ -219,10 +227,10 @@ class ScenarioContext:
             meta = {"labels": {"bench-round": str(round_)}, "annotations": {"note": str(round_)}}
             await self.api.patch(cluster.config_path(key), {"metadata": meta}, patch_type="merge")
 
-    async def wait_rollouts(self, keys: Iterable[WorkloadKey], *, timeout: float = 60.0) -> bool:
+    async def wait_rollouts(self, keys: Iterable[WorkloadKey], *, limit: float = 60.0) -> bool:
         """Wait until each of ``keys`` has at least its expected rollouts; False at the deadline."""
         wanted = {key: self.expected(key) for key in keys}
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + limit
         while time.monotonic() < deadline:
             if all(len(self.observer.rollouts.get(k, ())) >= n for k, n in wanted.items()):
                 return True
@@ -315,7 +323,7 @@ async def run_scenario(bench: Bench, scenario: Scenario, contender: Contender) -
             )
             await lifecycle.start()
             await scenario.body(context)
-            await context.wait_rollouts(context.planned, timeout=bench.expect_timeout)
+            await context.wait_rollouts(context.planned, limit=bench.expect_timeout)
             await asyncio.sleep(QUIET)
             await lifecycle.stop()
     finally:
@@ -323,6 +331,13 @@ async def run_scenario(bench: Bench, scenario: Scenario, contender: Contender) -
         await cluster.delete_namespaces(bench.api, namespaces)
     await asyncio.sleep(0.3)  # the audit log is written as requests complete; let the last land
     return _collect(bench, scenario, lifecycle, context, user, time.monotonic() - started)
+
+
+def _restarts(lifecycle: _Lifecycle) -> dict[str, Any]:
+    """Time to ready of each process, when the scenario restarted the controller."""
+    if len(lifecycle.processes) < 2:
+        return {}
+    return {"ready_seconds_each": [p.ready_seconds for p in lifecycle.processes]}
 
 
 def _mismatches(context: ScenarioContext) -> list[str]:
@@ -356,42 +371,14 @@ def _collect(
         latencies=latencies(context.observer.rollouts, deps, context.writes),
         requests=by_verb(requests),
         run_requests=by_verb(r for r in requests if r.at >= context.settled_wall),
+        failed_requests=failures(requests),
         startup_writes=writes(requests, until=context.settled_wall),
         peak_rss=max((s.rss for s in samples), default=0),
         steady_rss=samples[-1].rss if samples else 0,
-        cpu_seconds=sum(_cpu_per_process(p.samples) for p in lifecycle.processes),
-        ready_seconds=lifecycle.processes[0].ready_seconds or 0.0 if lifecycle.processes else 0.0,
+        cpu_seconds=sum(p.samples[-1].cpu for p in lifecycle.processes if p.samples),
+        ready_seconds=lifecycle.processes[0].ready_seconds or 0.0,
         wall_seconds=wall,
         rss_series=[(round(s.at - first, 2), s.rss) for s in samples],
-        notes=context.notes,
+        notes={**context.notes, **_restarts(lifecycle)},
         log=str(lifecycle.log_path),
     )
-
-
-def _cpu_per_process(samples: Sequence[Sample]) -> float:
-    return samples[-1].cpu if samples else 0.0
-
-
-def summary_line(result: RunResult) -> str:
-    """One progress line per run, printed as the bench goes."""
-    p99 = percentile(result.latencies, 99)
-    latency = f"p99 {p99 * 1000:.0f} ms" if p99 is not None else "no latency"
-    exact = "exact" if result.exact else f"MISS ({len(result.mismatched)} workloads)"
-    return (
-        f"  {result.scenario:<4} {result.contender:<9} rollouts {result.actual}/{result.expected}"
-        f" {exact}, {latency}, {result.total_requests} requests,"
-        f" peak {result.peak_rss / 2**20:.0f} MiB, {result.wall_seconds:.1f} s"
-    )
-
-
-def percentile(values: Sequence[float], pct: float) -> float | None:
-    """Nearest-rank percentile of sorted or unsorted values; None when empty."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = max(1, min(len(ordered), round(pct / 100 * len(ordered) + 0.5)))
-    return ordered[rank - 1]
-
-
-def by_key(results: Iterable[RunResult]) -> Mapping[tuple[str, str], RunResult]:
-    return {(r.scenario, r.contender): r for r in results}

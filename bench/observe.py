@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Mapping, Set
+from collections.abc import AsyncIterator, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,7 +54,7 @@ def latencies(
     deps: Mapping[WorkloadKey, Set[ConfigKey]],
     writes: WriteLog,
 ) -> list[float]:
-    """Seconds from the triggering write to each rollout; unattributable and untimed ones skipped."""
+    """Seconds from the triggering write to each rollout (unattributed, untimed ones left out)."""
     found = []
     for key, times in rollouts.items():
         for at in times:
@@ -61,6 +62,15 @@ def latencies(
             if write is not None and write[1]:
                 found.append(at - write[0])
     return sorted(found)
+
+
+def percentile(values: Sequence[float], pct: float) -> float | None:
+    """Nearest-rank percentile; None when there are no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = min(len(ordered), max(1, math.ceil(pct / 100 * len(ordered))))
+    return ordered[rank - 1]
 
 
 def template_signature(obj: Mapping[str, Any], kind: WorkloadKindName) -> bytes:
@@ -144,7 +154,7 @@ class Observer:
             at = time.monotonic()
             obj = event["object"]
             if event["type"] == "ERROR":
-                if obj.get("code") == 410:  # type: ignore[comparison-overlap]
+                if obj.get("code") == 410:
                     raise ApiGone(410, "Expired", "watch expired")
                 raise ApiError(0, "WatchError", str(obj))
             version = str(obj.get("metadata", {}).get("resourceVersion") or version)
@@ -163,7 +173,9 @@ class Observer:
             return None
         return WorkloadKey(kind, namespace, str(metadata.get("name", "")))
 
-    def _seen(self, kind: WorkloadKindName, obj: Mapping[str, Any], at: float, *, counting: bool) -> None:
+    def _seen(
+        self, kind: WorkloadKindName, obj: Mapping[str, Any], at: float, *, counting: bool
+    ) -> None:
         key = self._key(kind, obj)
         if key is None:
             return

@@ -24,6 +24,7 @@ decoded straight into dicts and handed to the transform).
 
 from __future__ import annotations
 
+import copy
 import os
 from collections import Counter
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -127,10 +128,18 @@ class ApiStatistics:
 
 
 class Api:
-    """A thin, shared client: one aiohttp session, raw JSON in and out, errors classified."""
+    """A thin, shared client: raw JSON in and out, errors classified.
 
-    def __init__(self, api_client: client.ApiClient) -> None:
-        self._client = api_client
+    Two connection pools: watches hold a connection each for minutes (one per kind per watched
+    namespace: 7 kinds in 20 namespaces is 140), and must never take the connections that patches
+    and Events need. Watches get a pool without a limit; everything else a bounded one.
+    """
+
+    def __init__(self, configuration: client.Configuration) -> None:
+        self._client = client.ApiClient(configuration=configuration)
+        streaming = copy.deepcopy(configuration)
+        streaming.connection_pool_maxsize = 0  # aiohttp: no limit
+        self._watch_client = client.ApiClient(configuration=streaming)
         self._requests: Counter[tuple[str, str]] = Counter()
 
     @property
@@ -139,6 +148,7 @@ class Api:
 
     async def close(self) -> None:
         await self._client.close()
+        await self._watch_client.close()
 
     def statistics(self) -> ApiStatistics:
         return ApiStatistics(requests=dict(self._requests))
@@ -152,12 +162,14 @@ class Api:
         body: object = None,
         content_type: str = "application/json",
         client_timeout: aiohttp.ClientTimeout | None = None,
+        watch: bool = False,
     ) -> aiohttp.ClientResponse:
         # Bodies are Python objects: the client serialises them (writes are rare; reads use orjson).
         headers = {"Accept": "application/json", "Content-Type": content_type}
         headers["User-Agent"] = USER_AGENT
         try:
-            response = await self._client.call_api(
+            api_client = self._watch_client if watch else self._client
+            response = await api_client.call_api(
                 path,
                 method,
                 query_params=list(params),
@@ -226,7 +238,7 @@ class Api:
         """
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=read_timeout)
         response = await self._send(
-            "GET", path, params=[*params, ("watch", "true")], client_timeout=timeout
+            "GET", path, params=[*params, ("watch", "true")], client_timeout=timeout, watch=True
         )
         async with response:
             if response.status != 200:
@@ -264,7 +276,7 @@ async def connect(*, kubeconfig: str | None) -> Api:
             await config.load_kube_config(client_configuration=configuration)
         except ConfigException as error:
             raise ApiUnavailable(0, "NoConfiguration", str(error)) from error
-    return Api(client.ApiClient(configuration=configuration))
+    return Api(configuration)
 
 
 async def connect_with_dict(kubeconfig: Mapping[str, Any]) -> Api:
@@ -273,4 +285,4 @@ async def connect_with_dict(kubeconfig: Mapping[str, Any]) -> Api:
     await config.load_kube_config_from_dict(
         dict(kubeconfig), client_configuration=configuration, temp_file_path=None
     )
-    return Api(client.ApiClient(configuration=configuration))
+    return Api(configuration)

@@ -114,3 +114,24 @@ async def test_deleted_then_recreated_with_new_content_restarts_once(scene: Clus
     await scene.create_configmap("cfg", {"a": "2"})
 
     await scene.assert_replica_sets_stay("web", 2)
+
+
+async def test_many_watched_namespaces_do_not_starve_writes(scene: Cluster) -> None:
+    """25 namespaces and 7 kinds make 175 long-lived watches, more than one pool holds;
+    patches and Events must still get through."""
+    others = [f"{scene.namespace}-w{i}" for i in range(24)]
+    for name in others:
+        await scene.api.create(NAMESPACES.collection_path(None), {"metadata": {"name": name}})
+    try:
+        await scene.create_configmap("cfg", {"a": "1"})
+        containers = [container(**env_from("ConfigMap", "cfg"))]
+        await scene.create_workload(deployment("web", annotations=AUTO, containers=containers))
+        await scene.start_controller(namespaces=[scene.namespace, *others])
+        await scene.wait_recorded("web")
+
+        await scene.patch_configmap("cfg", {"data": {"a": "2"}})
+
+        await scene.assert_replica_sets_stay("web", 2)
+    finally:
+        for name in others:
+            await scene.api.delete(f"{NAMESPACES.collection_path(None)}/{name}")

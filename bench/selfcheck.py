@@ -1,0 +1,148 @@
+"""``python -m bench.selfcheck``: the bench's pure parts, checked without a cluster or a clock.
+
+Invoked by nobody automatically (CI runs ``tests/``, which holds no benchmark); run it after
+changing how rollouts are counted, latencies attributed or requests parsed, since a wrong count
+there would make every reported number wrong while looking fine.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+from bench import cluster, floor, scale
+from bench.apicost import by_verb, failures, parse_event, writes
+from bench.controller import OURS, render
+from bench.observe import WriteLog, cronjob_owner, latencies, percentile, template_signature
+from bench.scenarios import QUICK_SIZES, SIZES, scenarios
+from reloader.model import ConfigKey, WorkloadKey
+
+
+def check_percentile_is_nearest_rank() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert percentile(values, 50) == 50.0
+    assert percentile(values, 99) == 99.0
+    assert percentile([3.0], 99) == 3.0
+    assert percentile([], 50) is None
+
+
+def check_latency_uses_latest_timed_write_before_rollout() -> None:
+    cm, other = ConfigKey("ConfigMap", "ns", "a"), ConfigKey("ConfigMap", "ns", "b")
+    app = WorkloadKey("Deployment", "ns", "app")
+    log = WriteLog()
+    log.entries[cm] += [(1.0, True), (2.0, True), (9.0, True)]
+    log.entries[other] += [(4.0, False)]
+    rollouts = {app: [3.0, 5.0], WorkloadKey("Deployment", "ns", "stray"): [3.0]}
+    # 3.0 follows the write at 2.0; 5.0 follows the untimed 4.0 (downtime): left out.
+    assert latencies(rollouts, {app: {cm, other}}, log) == [1.0]
+
+
+def check_signature_sees_template_changes_only() -> None:
+    body = cluster.workload("Deployment", "app", cluster.pod_spec([cluster.container()]))
+    before = template_signature(body, "Deployment")
+    body["metadata"]["annotations"]["record"] = "x"
+    assert template_signature(body, "Deployment") == before
+    body["spec"]["template"]["metadata"]["annotations"] = {"restarted": "1"}
+    assert template_signature(body, "Deployment") != before
+    cron = cluster.workload("CronJob", "job", cluster.pod_spec([cluster.container()]))
+    assert template_signature(cron, "CronJob") != b"{}"
+    owned = {"metadata": {"ownerReferences": [{"kind": "CronJob", "name": "job"}]}}
+    assert cronjob_owner(owned) == "job"
+
+
+def check_audit_event_parsing_and_counting() -> None:
+    event = {
+        "auditID": "1",
+        "verb": "patch",
+        "user": {"username": "bench-x"},
+        "objectRef": {"resource": "deployments"},
+        "responseStatus": {"code": 409},
+        "requestReceivedTimestamp": "2026-01-01T00:00:00.500000Z",
+        "userAgent": "reloader/0.1",
+    }
+    parsed = parse_event(json.dumps(event))
+    assert parsed is not None
+    user, audit_id, request = parsed
+    assert (user, audit_id, request.verb, request.code) == ("bench-x", "1", "patch", 409)
+    assert parse_event("not json") is None
+    assert by_verb([request, request]) == {"patch": 2}
+    assert failures([request]) == {"409": 1}
+    assert writes([request], since=request.at + 1) == 0
+
+
+def check_floor_finds_every_reference_shape() -> None:
+    spec = cluster.pod_spec(
+        [cluster.container(**cluster.key_env(ConfigKey("Secret", "n", "s1"), "k"))],
+        init_containers=[cluster.container(**cluster.env_from(ConfigKey("ConfigMap", "n", "c1")))],
+        volumes=[
+            cluster.volume(ConfigKey("Secret", "n", "s2")),
+            cluster.projected([ConfigKey("ConfigMap", "n", "c2"), ConfigKey("Secret", "n", "s3")]),
+        ],
+    )
+    found = set(floor.referenced(spec))
+    expected = {("Secret", "s1"), ("ConfigMap", "c1"), ("Secret", "s2")}
+    assert found == expected | {("ConfigMap", "c2"), ("Secret", "s3")}, found
+
+
+def check_commands_render() -> None:
+    values = {
+        "python": "py",
+        "kubeconfig": "/k",
+        "namespaces": "a,b",
+        "metrics_port": "1",
+        "controller_namespace": "c",
+        "debounce": "0",
+        "reload_strategy": "annotations",
+    }
+    assert "--namespaces=a,b" in render(OURS.command, values)
+    message = ""
+    try:
+        render("x {nope}", values)
+    except SystemExit as error:
+        message = str(error)
+    assert "nope" in message, "an unknown placeholder must be refused"
+
+
+def check_scale_objects_keep_configs_beside_their_deployment() -> None:
+    sizes = scale.ScaleSizes(configmaps=10, secrets=7, deployments=3, namespaces=2, kib=1)
+    items = list(scale.objects(sizes))
+    assert len(items) == sizes.objects
+    deployments = [body for path, body in items if path.endswith("/deployments")]
+    assert len(deployments) == 3
+    names = {path.split("/")[4] + "/" + body["metadata"]["name"] for path, body in items}
+    for path, body in items:
+        if not path.endswith("/deployments"):
+            continue
+        namespace = path.split("/")[5]
+        for ref in body["spec"]["template"]["spec"]["containers"][0]["envFrom"]:
+            name = next(iter(ref.values()))["name"]
+            assert f"{namespace}/{name}" in names, (namespace, name)
+
+
+def check_scenario_table() -> None:
+    ids = [s.id for s in scenarios(SIZES)]
+    assert ids == [f"S{i}" for i in range(1, 14)], ids
+    quick = [s.id for s in scenarios(QUICK_SIZES) if s.quick]
+    assert {"S1", "S4", "S6"} <= set(quick)
+
+
+CHECKS: list[Callable[[], None]] = [
+    check_percentile_is_nearest_rank,
+    check_latency_uses_latest_timed_write_before_rollout,
+    check_signature_sees_template_changes_only,
+    check_audit_event_parsing_and_counting,
+    check_floor_finds_every_reference_shape,
+    check_commands_render,
+    check_scale_objects_keep_configs_beside_their_deployment,
+    check_scenario_table,
+]
+
+
+def main() -> None:
+    for check in CHECKS:
+        check()
+        print(f"ok  {check.__name__}")
+
+
+if __name__ == "__main__":
+    main()
