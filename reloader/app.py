@@ -19,6 +19,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import ctypes
+import gc
 import logging
 import signal
 import sys
@@ -325,6 +327,7 @@ class Controller:
 
     async def _work_when_synced(self) -> None:
         await self.wait_synced()
+        release_freed_memory()
         self._working = True
         log.info("caches synced; starting workers", extra={"workers": self.settings.workers})
         async with asyncio.TaskGroup() as group:
@@ -337,6 +340,18 @@ class Controller:
                         settled=self._settled,
                     )
                 )
+
+
+def release_freed_memory() -> None:
+    """Hand the memory of the initial lists back to the system.
+
+    Decoding every ConfigMap and Secret once leaves tens of MiB that the allocator keeps after the
+    raw objects are dropped (only their small snapshots stay); without this the process's RSS stays
+    at its start-up peak. glibc only; elsewhere a no-op.
+    """
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 async def _unless_stopped(work: Coroutine[Any, Any, T], stop: asyncio.Event) -> T | None:

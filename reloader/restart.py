@@ -163,7 +163,8 @@ class Restarter:
         if workload.paused_at is None or not workload.paused:
             return None
         period = workload.policy.pause_period or 0.0
-        return workload.paused_at + period - self._clock()
+        # paused-at has whole seconds: one more second so the pause is never cut short.
+        return workload.paused_at + 1.0 + period - self._clock()
 
     async def _pause_check(self, workload: WorkloadSnapshot) -> Outcome:
         """Resume a Deployment we paused once its period is over. The state lives on the object,
