@@ -236,7 +236,9 @@ class Api:
         (a half-open TCP stream after an apiserver restart, a stuck proxy) raises ApiUnavailable
         instead of hanging forever. That is the stall watchdog.
         """
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=read_timeout)
+        # A hung server can also hang the TLS handshake of a new connection: bound it the same way.
+        connect = min(30.0, read_timeout)
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect, sock_read=read_timeout)
         response = await self._send(
             "GET", path, params=[*params, ("watch", "true")], client_timeout=timeout, watch=True
         )
