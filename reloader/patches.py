@@ -50,8 +50,8 @@ def rfc3339(now: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
 
 
-def nested(path: tuple[str, ...], leaf: dict[str, Any]) -> dict[str, Any]:
-    body = leaf
+def nested(path: tuple[str, ...], leaf: Mapping[str, Any]) -> dict[str, Any]:
+    body = dict(leaf)
     for step in reversed(path):
         body = {step: body}
     return body
@@ -129,34 +129,19 @@ def record_patch(workload: WorkloadSnapshot, decision: Decision) -> dict[str, An
 def restart_patch(
     workload: WorkloadSnapshot,
     decision: Decision,
-    deps: Mapping[str, Dependency],
+    change: Mapping[str, Any],
     *,
-    strategy: Strategy,
     now: float,
     pause_annotation: str | None = None,
 ) -> dict[str, Any]:
-    """Record plus pod-template change (plus the pause, for a Deployment with a pause period)."""
+    """Record plus the pod-template ``change`` (from ``template_change``), plus the pause for a
+    Deployment with a pause period."""
     patch = record_patch(workload, decision)
-    change = template_change(workload, decision, deps, strategy=strategy, now=now)
     patch.update(nested(KINDS[workload.key.kind].pod_template_path, change))
     if pause_annotation is not None:
         patch["metadata"]["annotations"][pause_annotation] = rfc3339(now)
         patch["spec"]["paused"] = True
     return patch
-
-
-def build_patch(
-    workload: WorkloadSnapshot,
-    decision: Decision,
-    deps: Mapping[str, Dependency],
-    *,
-    now: float,
-    strategy: Strategy = "annotations",
-) -> dict[str, Any]:
-    """The one patch for a record or a template restart."""
-    if decision.action == "restart":
-        return restart_patch(workload, decision, deps, strategy=strategy, now=now)
-    return record_patch(workload, decision)
 
 
 def restart_at_patch(
@@ -186,11 +171,8 @@ def env_containers(
     updated = []
     for container in containers:
         entries = wanted.get(container.get("name", ""), [])
-        env = [
-            e
-            for e in container.get("env") or []
-            if e.get("name") not in {x["name"] for x in entries}
-        ]
+        replaced = {entry["name"] for entry in entries}
+        env = [e for e in container.get("env") or [] if e.get("name") not in replaced]
         env += entries
         updated.append({**container, "env": env})
     return updated

@@ -29,6 +29,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+from reloader.annotations import DEFAULT_NAMES
 from reloader.decide import Decision, Dependency, decide, dependencies
 from reloader.digests import DigestKey
 from reloader.kube import Api, ApiConflict, ApiError, ApiNotFound, PatchType
@@ -67,7 +68,7 @@ class RestartPolicy:
     reload_on_delete: bool
     min_interval: float
     strategy: Strategy = "annotations"
-    paused_at_annotation: str = "deployment.reloader.stakater.com/paused-at"
+    paused_at_annotation: str = DEFAULT_NAMES.paused_at
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,9 +249,7 @@ class Restarter:
             await self._rollout_env_vars(workload, decision, change)
         else:
             pause = self._policy.paused_at_annotation if self._pauses(workload) else None
-            patch = restart_patch(
-                workload, decision, deps, strategy=strategy, now=now, pause_annotation=pause
-            )
+            patch = restart_patch(workload, decision, change, now=now, pause_annotation=pause)
             await self._patch(workload, patch, decision)
 
     async def _get(self, workload: WorkloadSnapshot, decision: Decision) -> RawObject:

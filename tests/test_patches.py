@@ -47,6 +47,10 @@ RESTART = Decision(
 )
 
 
+def change(strategy: Any) -> dict[str, Any]:
+    return template_change(snapshot(), RESTART, DEPS, strategy=strategy, now=NOW)
+
+
 @pytest.mark.parametrize(
     ("kind", "name", "expected"),
     [
@@ -61,7 +65,7 @@ def test_env_var_name_follows_stakater(kind: Any, name: str, expected: str) -> N
 
 
 def test_annotation_restart_patch_records_and_marks_in_one_body() -> None:
-    patch = restart_patch(snapshot(), RESTART, DEPS, strategy="annotations", now=NOW)
+    patch = restart_patch(snapshot(), RESTART, change("annotations"), now=NOW)
 
     assert patch["metadata"]["resourceVersion"] == "42"
     assert patch["metadata"]["annotations"][RECORD_ANNOTATION] == encode_record(RESTART.record)  # type: ignore[arg-type]
@@ -77,7 +81,7 @@ def test_annotation_restart_patch_records_and_marks_in_one_body() -> None:
 
 
 def test_env_vars_patch_sets_the_variable_in_every_container() -> None:
-    patch = restart_patch(snapshot(), RESTART, DEPS, strategy="env-vars", now=NOW)
+    patch = restart_patch(snapshot(), RESTART, change("env-vars"), now=NOW)
 
     containers = patch["spec"]["template"]["spec"]["containers"]
     assert containers == [
@@ -95,7 +99,7 @@ def test_deleted_config_empties_the_env_var_so_the_template_changes() -> None:
 
 def test_pause_rides_on_the_restart_patch() -> None:
     patch = restart_patch(
-        snapshot(), RESTART, DEPS, strategy="annotations", now=NOW, pause_annotation=PAUSED_AT
+        snapshot(), RESTART, change("annotations"), now=NOW, pause_annotation=PAUSED_AT
     )
     assert patch["spec"]["paused"] is True
     assert patch["metadata"]["annotations"][PAUSED_AT] == "2023-11-14T22:13:20Z"
