@@ -197,10 +197,8 @@ class Informer(Generic[T]):
                         "resource not served; will check again",
                         extra={"kind": self.resource.kind, "retry_in": ABSENT_RECHECK_SECONDS},
                     )
-                self._remove_unlisted(namespace, set())
-                self._mark_synced(namespace)
+                await self._empty_until_recheck(namespace)
                 resource_version = None
-                await asyncio.sleep(ABSENT_RECHECK_SECONDS)
             except ApiForbidden as error:
                 # RBAC does not let us read this scope. Say so loudly, but do not hold the other
                 # namespaces hostage: the scope counts as listed (empty) and is tried again later.
@@ -214,12 +212,16 @@ class Informer(Generic[T]):
                         "retry_in": ABSENT_RECHECK_SECONDS,
                     },
                 )
-                self._remove_unlisted(namespace, set())
-                self._mark_synced(namespace)
+                await self._empty_until_recheck(namespace)
                 resource_version = None
-                await asyncio.sleep(ABSENT_RECHECK_SECONDS)
             except ApiError as error:
                 await self._retry_after(error, namespace, backoff)
+
+    async def _empty_until_recheck(self, namespace: str | None) -> None:
+        """A scope we cannot read counts as listed and empty; it is listed afresh after a while."""
+        self._remove_unlisted(namespace, set())
+        self._mark_synced(namespace)
+        await asyncio.sleep(ABSENT_RECHECK_SECONDS)
 
     async def _retry_after(self, error: ApiError, namespace: str | None, backoff: Backoff) -> None:
         self._restarts += 1
