@@ -69,6 +69,10 @@ class AnnotationNames:
     rollout_strategy: str = "reloader.stakater.com/rollout-strategy"
 
 
+DEFAULT_NAMES = AnnotationNames()
+"""Stakater's keys, before any renaming flag."""
+
+
 @dataclass(frozen=True, slots=True)
 class Problem:
     """One annotation value that could not be used; workload annotations are not secret."""

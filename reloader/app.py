@@ -251,7 +251,7 @@ class Controller:
 
     def _on_config(self, old: ConfigSnapshot | None, new: ConfigSnapshot | None) -> None:
         current = new or old
-        kind = current.key.kind if current is not None else "?"
+        kind = current.kind if current is not None else "?"
         self.metrics.events_received.labels(resource_type=kind).inc()
         self._enqueue(self.index.config_changed(old, new))
 

@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from reloader.annotations import AnnotationNames
+from reloader.annotations import DEFAULT_NAMES, AnnotationNames
 from reloader.model import KINDS, WorkloadKind
 
 CommaList = Annotated[list[str], NoDecode]
@@ -171,11 +171,11 @@ class Settings(BaseSettings):
         **_flag("--is-Argo-Rollouts", "Also watch and restart Argo Rollouts (if the CRD exists)."),
     )
     pause_deployment_annotation: str = Field(
-        default="deployment.reloader.stakater.com/pause-period",
+        default=DEFAULT_NAMES.pause_period,
         **_flag("--pause-deployment-annotation", "Rename the pause-period annotation."),
     )
     pause_deployment_time_annotation: str = Field(
-        default="deployment.reloader.stakater.com/paused-at",
+        default=DEFAULT_NAMES.paused_at,
         **_flag("--pause-deployment-time-annotation", "Rename the paused-at annotation."),
     )
     sync_after_restart: bool = Field(
@@ -203,34 +203,34 @@ class Settings(BaseSettings):
         **_flag("--pprof-addr", "Accepted for Stakater compatibility; ignored."),
     )
     auto_annotation: str = Field(
-        default="reloader.stakater.com/auto", **_flag("--auto-annotation", "Rename 'auto'.")
+        default=DEFAULT_NAMES.auto, **_flag("--auto-annotation", "Rename 'auto'.")
     )
     configmap_auto_annotation: str = Field(
-        default="configmap.reloader.stakater.com/auto",
+        default=DEFAULT_NAMES.configmap_auto,
         **_flag("--configmap-auto-annotation", "Rename the ConfigMap auto annotation."),
     )
     secret_auto_annotation: str = Field(
-        default="secret.reloader.stakater.com/auto",
+        default=DEFAULT_NAMES.secret_auto,
         **_flag("--secret-auto-annotation", "Rename the Secret auto annotation."),
     )
     configmap_annotation: str = Field(
-        default="configmap.reloader.stakater.com/reload",
+        default=DEFAULT_NAMES.configmap_reload,
         **_flag("--configmap-annotation", "Rename the named ConfigMap list annotation."),
     )
     secret_annotation: str = Field(
-        default="secret.reloader.stakater.com/reload",
+        default=DEFAULT_NAMES.secret_reload,
         **_flag("--secret-annotation", "Rename the named Secret list annotation."),
     )
     auto_search_annotation: str = Field(
-        default="reloader.stakater.com/search",
+        default=DEFAULT_NAMES.search,
         **_flag("--auto-search-annotation", "Rename 'search'."),
     )
     search_match_annotation: str = Field(
-        default="reloader.stakater.com/match",
+        default=DEFAULT_NAMES.match,
         **_flag("--search-match-annotation", "Rename 'match'."),
     )
     ignore_annotation: str = Field(
-        default="reloader.stakater.com/ignore", **_flag("--ignore-annotation", "Rename 'ignore'.")
+        default=DEFAULT_NAMES.ignore, **_flag("--ignore-annotation", "Rename 'ignore'.")
     )
 
     @field_validator(
