@@ -298,15 +298,30 @@ def _pyplot() -> Any:
     return plt
 
 
+def _panels(count: int) -> tuple[Any, Any, Any]:
+    """pyplot, a figure and a grid of ``count`` panels, four to a row."""
+    plt = _pyplot()
+    columns = min(4, count)
+    rows = (count + columns - 1) // columns
+    figure, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3 * rows), squeeze=False)
+    return plt, figure, axes
+
+
+def _save(plt: Any, figure: Any, axes: Any, used: int, path: Path) -> None:
+    """Blank the panels left over, write the PNG and free the figure."""
+    for ax in list(axes.flat)[used:]:
+        ax.axis("off")
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+
+
 def plot_latency(results: Sequence[RunResult], path: Path) -> None:
     """Latency CDF per scenario, one line per controller."""
     scenarios = list(dict.fromkeys(r.scenario for r in results if r.latencies))
     if not scenarios:
         return
-    plt = _pyplot()
-    columns = min(4, len(scenarios))
-    rows = (len(scenarios) + columns - 1) // columns
-    figure, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3 * rows), squeeze=False)
+    plt, figure, axes = _panels(len(scenarios))
     for ax, scenario in zip(axes.flat, scenarios, strict=False):
         for result in (r for r in results if r.scenario == scenario and r.latencies):
             values = [v * 1000 for v in result.latencies]
@@ -316,11 +331,7 @@ def plot_latency(results: Sequence[RunResult], path: Path) -> None:
         ax.set_xlabel("ms from write to rollout")
         ax.set_ylim(0, 1.02)
         ax.legend(fontsize="small")
-    for ax in list(axes.flat)[len(scenarios) :]:
-        ax.axis("off")
-    figure.tight_layout()
-    figure.savefig(path, dpi=90)
-    plt.close(figure)
+    _save(plt, figure, axes, len(scenarios), path)
 
 
 def plot_rss(results: Sequence[RunResult], scale: Sequence[ScaleResult], path: Path) -> None:
@@ -335,10 +346,7 @@ def plot_rss(results: Sequence[RunResult], scale: Sequence[ScaleResult], path: P
             panels.append((f"scale {phase}", lines))
     if not panels:
         return
-    plt = _pyplot()
-    columns = min(4, len(panels))
-    rows = (len(panels) + columns - 1) // columns
-    figure, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3 * rows), squeeze=False)
+    plt, figure, axes = _panels(len(panels))
     for ax, (title, lines) in zip(axes.flat, panels, strict=False):
         for name, series in lines:
             ax.plot([t for t, _ in series], [rss / MIB for _, rss in series], label=name)
@@ -346,8 +354,4 @@ def plot_rss(results: Sequence[RunResult], scale: Sequence[ScaleResult], path: P
         ax.set_xlabel("s since start")
         ax.set_ylabel("RSS MiB")
         ax.legend(fontsize="small")
-    for ax in list(axes.flat)[len(panels) :]:
-        ax.axis("off")
-    figure.tight_layout()
-    figure.savefig(path, dpi=90)
-    plt.close(figure)
+    _save(plt, figure, axes, len(panels), path)

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from reloader.app import Controller
 from reloader.digests import DigestKey
-from reloader.kube import Api, ApiNotFound
+from reloader.kube import Api, ApiNotFound, ApiTooManyRequests
 from reloader.model import CONFIGMAPS, EVENTS, KINDS, LAST_RELOADED_FROM, RECORD_ANNOTATION, SECRETS
 from reloader.settings import Settings
 
@@ -290,8 +290,9 @@ async def scenario(api: Api, namespace: str) -> AsyncIterator[Cluster]:
 
 
 async def exists(api: Api, path: str) -> bool:
+    """Whether ``path`` is served now (a 429 while a new CRD's storage initialises counts as no)."""
     try:
         await api.get(path)
-    except ApiNotFound:
+    except (ApiNotFound, ApiTooManyRequests):
         return False
     return True

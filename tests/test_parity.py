@@ -11,9 +11,18 @@ from typing import Any
 import pytest
 
 from reloader.digests import decode_record
-from reloader.kube import Api, ApiNotFound, ApiTooManyRequests
+from reloader.kube import ApiNotFound
 from reloader.model import NAMESPACES, RECORD_ANNOTATION
-from tests.scenario import Cluster, container, deployment, env_from, wait_for, workload, writes
+from tests.scenario import (
+    Cluster,
+    container,
+    deployment,
+    env_from,
+    exists,
+    wait_for,
+    workload,
+    writes,
+)
 
 pytestmark = pytest.mark.cluster
 AUTO = {"reloader.stakater.com/auto": "true"}
@@ -148,7 +157,7 @@ async def test_argo_rollouts_absent_crd_then_installed(scene: Cluster, monkeypat
     restart."""
     monkeypatch.setattr("reloader.watch.ABSENT_RECHECK_SECONDS", 1.0)
     api = scene.api
-    if await _exists(api, f"{CRDS}/rollouts.argoproj.io"):
+    if await exists(api, f"{CRDS}/rollouts.argoproj.io"):
         pytest.skip("a Rollout CRD is already installed on this cluster")
     await with_cfg(scene)
     await scene.start_controller(is_argo_rollouts=True)  # ready although the CRD is absent
@@ -156,7 +165,7 @@ async def test_argo_rollouts_absent_crd_then_installed(scene: Cluster, monkeypat
     await api.create(CRDS, ROLLOUT_CRD)
     try:
         await wait_for(
-            lambda: _exists(
+            lambda: exists(
                 api, f"/apis/argoproj.io/v1alpha1/namespaces/{scene.namespace}/rollouts"
             ),
             message="the CRD served",
@@ -183,14 +192,6 @@ async def test_argo_rollouts_absent_crd_then_installed(scene: Cluster, monkeypat
     finally:
         await scene.stop_controllers()
         await api.delete(f"{CRDS}/rollouts.argoproj.io")
-
-
-async def _exists(api: Api, path: str) -> bool:
-    try:
-        await api.get(path)
-    except (ApiNotFound, ApiTooManyRequests):  # 429 while a new CRD's storage initialises
-        return False
-    return True
 
 
 async def test_ignored_workload_types(scene: Cluster) -> None:

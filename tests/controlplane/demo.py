@@ -21,7 +21,7 @@ from typing import Any
 
 from reloader.kube import Api, connect_with_dict
 from reloader.model import CONFIGMAPS, EVENTS, KINDS, LAST_RELOADED_FROM, NAMESPACES
-from tests.controlplane.envtest import ControlPlane, free_port
+from tests.controlplane.envtest import ControlPlane, free_port, http_ok
 from tests.scenario import container, deployment, wait_for
 
 NAMESPACE = "demo"
@@ -58,11 +58,7 @@ def start_controller(plane: ControlPlane, port: int) -> subprocess.Popen[bytes]:
 
 async def wait_ready(port: int) -> None:
     async def ready() -> bool:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:
-                return bool(r.status == 200)
-        except OSError:
-            return False
+        return await asyncio.to_thread(http_ok, f"http://127.0.0.1:{port}/readyz")
 
     await wait_for(ready, timeout=60, message="controller /readyz")
 

@@ -329,7 +329,7 @@ class ControlPlane:
     def start(self) -> ControlPlane:
         """Start etcd, then the apiserver, then the controller-manager; each awaited healthy."""
         try:
-            self._start(self._etcd(), lambda: _http_ok(f"{self.etcd_url}/health", None))
+            self._start(self._etcd(), lambda: http_ok(f"{self.etcd_url}/health", None))
             self.start_apiserver()
             if self.controller_manager:
                 self._processes["kcm"] = self._controller_manager()
@@ -340,7 +340,7 @@ class ControlPlane:
         return self
 
     def start_apiserver(self) -> None:
-        self._start(self._apiserver(), lambda: _http_ok(f"{self.url}/readyz", self._ssl()))
+        self._start(self._apiserver(), lambda: http_ok(f"{self.url}/readyz", self._ssl()))
 
     def stop_apiserver(self) -> None:
         process = self._processes.pop("kube-apiserver", None)
@@ -431,7 +431,8 @@ def kubeconfig_dict(server: str, *, ca_pem: bytes, user: dict[str, str]) -> dict
     }
 
 
-def _http_ok(url: str, context: ssl.SSLContext | None) -> bool:
+def http_ok(url: str, context: ssl.SSLContext | None = None) -> bool:
+    """Whether ``url`` answers 200 now (any connection error counts as no)."""
     try:
         with urllib.request.urlopen(url, timeout=2, context=context) as response:
             return bool(response.status == 200)
