@@ -11,7 +11,10 @@ The semantics are those of Stakater's ``ShouldReload`` (notes §1.2), **per conf
   workload's metadata. Only if none of those four keys is present there are they read from the pod
   template instead. So ``secret.reloader.stakater.com/reload`` on the metadata hides a template
   ``auto`` for Secrets but not for ConfigMaps: odd, but it is what Stakater does.
-- Exclude lists, the pause period and the rollout strategy come from workload metadata only.
+- The pause period and the rollout strategy come from workload metadata only.
+- Exclude lists are read from the metadata **and** the pod template (their union). Stakater reads
+  them from metadata only, but its own e2e suite expects an exclude on the template to apply (a
+  pending test marked TODO), and an exclusion honoured in more places can only restart less.
 - The decision: an excluded name → no; a named-list match → yes, referenced or not; otherwise the
   pod spec must reference the config, and one of these must hold: ``search`` with the config's
   ``match``, ``auto``, the typed auto, or ``--auto-reload-all`` with both auto keys empty or absent.
@@ -19,24 +22,37 @@ The semantics are those of Stakater's ``ShouldReload`` (notes §1.2), **per conf
 
 Deliberate differences from Stakater:
 
-- Named-list items are Python ``re`` patterns that must match the *whole* name, i.e.
-  ``^(?:item)$``. Stakater compiles ``"^" + item + "$"`` with Go's RE2, where a top-level ``a|b``
-  means "starts with a or ends with b"; here it means "a or b", which is what people write it for.
-  RE2 and Python agree on everything a config name pattern needs; syntax they read differently
-  (``\\z``, ``\\Q…\\E``, ``\\p{…}``, ``[[:alpha:]]``) is reported as a problem rather than half
-  understood.
+- Named-list items are RE2 patterns (``google-re2``: the C++ library that Go's ``regexp`` copies;
+  matching is linear in the name whatever the pattern, so ``(a|a)*b`` cannot stall the event loop)
+  that must match the *whole* name, as ``^(?:item)$`` would. Stakater compiles ``"^" + item + "$"``,
+  where a top-level ``a|b`` means "starts with a or ends with b"; here it means "a or b", which is
+  what people write it for. The syntax is Go's: ``\\z``, ``\\Q…\\E``, ``\\pL``, ``[[:alpha:]]`` and
+  ``(?i)`` all work. Where the C++ library accepts what Go refuses, the item is a problem, as in Go:
+  ``\\C`` (any byte), and a repeat count of nine digits or more (C++ reads ``a{4294967296}`` as
+  literal text; Go refuses it). Counts over 1000 are refused by both. C++ accepts nesting deeper
+  than Go's limit of 1000 levels; that is harmless (still linear) and accepted here. A pattern
+  whose compiled program needs more than ``RE2_MAX_MEM`` bytes is a problem.
+- A named list longer than ``MAX_LIST_CHARS`` characters or with more than ``MAX_LIST_ITEMS`` items
+  is refused whole (a problem; the key still counts as present for the metadata-or-template
+  switch): applying part of a list would restart on some of its names and silently not on others.
+  Exclude lists are exact names looked up in a set, so they are not capped: refusing one would
+  restart *more*.
 - Empty list items are skipped (Stakater compiles ``^$``, which matches no config anyway).
 - Stakater ignores unparsable values silently; here each is a ``Problem``, with the same effect.
+  No value raises: an exception in the informer's transform would leave the workload's previous
+  snapshot in force.
+- ``pause-period`` is read by a one-pass copy of Go's ``time.ParseDuration`` (same accept set, same
+  int64-nanosecond overflow rules), so a hostile value costs time linear in its length.
 """
 
 from __future__ import annotations
 
 import functools
-import re
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
+
+import re2  # type: ignore[import-untyped]  # google-re2 ships no type information
 
 from reloader.model import CONFIG_KINDS, ConfigKind
 
@@ -48,6 +64,17 @@ _FALSE = frozenset({"0", "f", "F", "FALSE", "false", "False"})
 
 _REGEX_META = frozenset("\\.+*?()|[]{}^$")
 """An item with none of these matches exactly one name: itself, so the index can look it up."""
+
+MAX_LIST_CHARS = 4096
+"""A named list longer than this is refused; 64 names of 63 characters fit."""
+MAX_LIST_ITEMS = 64
+"""A named list with more items than this is refused: past it, ``auto`` or a pattern is the tool."""
+RE2_MAX_MEM = 1 << 20
+"""Bytes one compiled pattern may use (RE2's default is 8 MiB); with the ``_pattern`` cache this
+bounds what patterns can cost in all. A config name has at most 253 characters, so no sincere
+pattern comes near it."""
+_PROBLEM_VALUE_CHARS = 80
+"""How much of a rejected value a ``Problem`` keeps; the annotation itself can hold 256 KiB."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,20 +106,66 @@ class Problem:
 
     annotation: str
     value: str
+    """The offending value or item, cut to ``_PROBLEM_VALUE_CHARS`` (an Event quotes it)."""
     reason: str
 
+    @property
+    def text(self) -> str:
+        """One line for a log or an Event."""
+        return f"{self.annotation}={self.value!r}: {self.reason}"
 
-@functools.lru_cache(maxsize=4096)
-def _pattern(item: str) -> re.Pattern[str]:
+
+def _problem(annotation: str, value: str, reason: str) -> Problem:
+    return Problem(annotation, _clip(value), reason)
+
+
+def _re2_options() -> Any:
+    options = re2.Options()
+    options.max_mem = RE2_MAX_MEM
+    options.log_errors = False  # each error becomes a Problem; RE2 would also print it to stderr
+    return options
+
+
+_OPTIONS = _re2_options()
+_GO_REFUSES = re2.compile(
+    r"(?:^|[^\\])(?:\\\\)*"  # an even run of backslashes: what follows is not escaped
+    r"(?:\\C|\{[1-9][0-9]{8,}\})",
+    _OPTIONS,
+)
+"""``\\C``, or a repeat count of nine digits or more: the C++ library accepts them, Go does not.
+Only ``{n}`` needs looking for: ``{n,}`` and ``{n,m}`` hold a comma, which splits the list."""
+
+
+@functools.lru_cache(maxsize=1024)
+def _pattern(item: str) -> Any:
     """Compile each distinct item once: ``wants`` runs for every (config, workload) pair.
 
-    Warnings are errors here because Python only *warns* about some RE2 syntax that it reads
-    differently (``[[:alpha:]]`` is a character class to RE2 and a nested set to Python), and a
-    silently different pattern is worse than a reported one.
+    Raises ``PatternError`` with RE2's reason for anything Go's ``regexp.Compile`` would refuse.
+    A failed item is not cached; compiling it again costs time linear in its (capped) length.
     """
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        return re.compile(item)
+    try:
+        if _GO_REFUSES.search(item):
+            raise PatternError("\\C or a repeat count over 1000 (Go's regexp refuses both)")
+        return re2.compile(item, _OPTIONS)
+    except re2.error as error:
+        raise PatternError(_text(error)) from None
+    except (ValueError, OverflowError, RecursionError) as error:  # not UTF-8 (lone surrogate)
+        raise PatternError(_clip(str(error))) from None
+
+
+class PatternError(Exception):
+    """A named-list item that is not a pattern Go's ``regexp`` would compile."""
+
+
+def _text(error: Exception) -> str:
+    """RE2's message (bytes, which echo part of the pattern), as bounded text."""
+    (reason, *_) = error.args or ("invalid pattern",)
+    text = reason.decode(errors="replace") if isinstance(reason, bytes) else str(reason)
+    return _clip(text)
+
+
+def _clip(text: str, limit: int = _PROBLEM_VALUE_CHARS) -> str:
+    return text if len(text) <= limit else f"{text[: limit - 1]}…"
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,7 +298,7 @@ def _kind_rules(
     return KindRules(
         names=literal,
         patterns=patterns,
-        excluded=frozenset(_items(meta.get(keys.exclude))),
+        excluded=frozenset(_items(meta.get(keys.exclude)) + _items(template.get(keys.exclude))),
         search=_search(source, names.search, problems),
         auto=auto or typed_auto or (auto_reload_all and unset),
     )
@@ -242,16 +315,26 @@ def _named_list(
     annotations: Mapping[str, str], key: str, problems: set[Problem]
 ) -> tuple[frozenset[str], frozenset[str]]:
     """(literal names, valid patterns); an item that does not compile is reported and skipped."""
+    value = annotations.get(key) or ""
+    if len(value) > MAX_LIST_CHARS:
+        reason = f"longer than {MAX_LIST_CHARS} characters; the whole list is ignored"
+        problems.add(_problem(key, value, reason))
+        return frozenset(), frozenset()
+    items = _items(value)
+    if len(items) > MAX_LIST_ITEMS:
+        reason = f"more than {MAX_LIST_ITEMS} items; the whole list is ignored"
+        problems.add(_problem(key, value, reason))
+        return frozenset(), frozenset()
     literal: set[str] = set()
     patterns: set[str] = set()
-    for item in _items(annotations.get(key)):
+    for item in items:
         if _REGEX_META.isdisjoint(item):
             literal.add(item)
             continue
         try:
             _pattern(item)
-        except (re.error, FutureWarning) as error:
-            problems.add(Problem(key, item, f"not a valid regular expression: {error}"))
+        except PatternError as error:
+            problems.add(_problem(key, item, f"not a valid regular expression: {error}"))
         else:
             patterns.add(item)
     return frozenset(literal), frozenset(patterns)
@@ -262,7 +345,7 @@ def _parse_bool(annotations: Mapping[str, str], key: str, problems: set[Problem]
     if value is None:
         return False
     if value not in _TRUE and value not in _FALSE:
-        problems.add(Problem(key, value, "not a boolean (use true or false)"))
+        problems.add(_problem(key, value, "not a boolean (use true or false)"))
     return value in _TRUE
 
 
@@ -270,7 +353,7 @@ def _search(annotations: Mapping[str, str], key: str, problems: set[Problem]) ->
     """Only the exact string ``true`` enables search (Stakater compares strings, not booleans)."""
     value = annotations.get(key)
     if value is not None and value not in ("true", "false"):
-        problems.add(Problem(key, value, 'only the exact value "true" enables search'))
+        problems.add(_problem(key, value, 'only the exact value "true" enables search'))
     return value == "true"
 
 
@@ -280,10 +363,10 @@ def _pause_period(annotations: Mapping[str, str], key: str, problems: set[Proble
         return None
     seconds = parse_go_duration(value)
     if seconds is None:
-        problems.add(Problem(key, value, 'not a Go duration (e.g. "5m", "1h30m", "90s")'))
+        problems.add(_problem(key, value, 'not a Go duration (e.g. "5m", "1h30m", "90s")'))
         return None
     if seconds < 0:
-        problems.add(Problem(key, value, "a pause period cannot be negative"))
+        problems.add(_problem(key, value, "a pause period cannot be negative"))
         return None
     return seconds
 
@@ -296,33 +379,118 @@ def _rollout_strategy(
     if value == "restart":
         return "restart"
     if value and value != "rollout":
-        problems.add(Problem(key, value, 'not "rollout" or "restart"; using "rollout"'))
+        problems.add(_problem(key, value, 'not "rollout" or "restart"; using "rollout"'))
     return "rollout"
 
 
-_UNIT_SECONDS = {
-    "ns": 1e-9,
-    "us": 1e-6,
-    "µs": 1e-6,  # U+00B5 micro sign
-    "μs": 1e-6,  # U+03BC Greek mu
-    "ms": 1e-3,
-    "s": 1.0,
-    "m": 60.0,
-    "h": 3600.0,
+_UNIT_NANOSECONDS = {
+    "ns": 1,
+    "us": 1_000,
+    "µs": 1_000,  # U+00B5 micro sign
+    "μs": 1_000,  # U+03BC Greek mu
+    "ms": 1_000_000,
+    "s": 1_000_000_000,
+    "m": 60_000_000_000,
+    "h": 3_600_000_000_000,
 }
-_NUMBER = r"(?:[0-9]+\.?[0-9]*|\.[0-9]+)"
-_UNIT = "(?:ns|us|µs|μs|ms|s|m|h)"  # longest first, so "ms" is never read as "m" + "s"
-_DURATION = re.compile(rf"[-+]?(?:0|(?:{_NUMBER}{_UNIT})+)")
-_DURATION_PART = re.compile(rf"({_NUMBER})({_UNIT})")
-_MAX_SECONDS = (2**63 - 1) / 1e9
-"""Go durations are int64 nanoseconds; longer ones (about 292 years) do not parse."""
+_LIMIT = 1 << 63
+"""Go durations are int64 nanoseconds (about 292 years); Go's parser overflows past this."""
+_CACHED_DURATION_CHARS = 64
+"""Longer values are parsed every time (still linear) rather than kept in the cache."""
 
 
 def parse_go_duration(text: str) -> float | None:
-    """Seconds for a Go ``time.ParseDuration`` string ("1h30m", "1.5s", "-2m", "0"), else None."""
-    if not _DURATION.fullmatch(text):
+    """Seconds for a Go ``time.ParseDuration`` string ("1h30m", "1.5s", "-2m", "0"), else None.
+
+    A workload is parsed again on every update (status writes included), so distinct short
+    values are remembered; a long one is not worth the cache's memory.
+    """
+    if len(text) > _CACHED_DURATION_CHARS:
+        return _seconds(text)
+    return _cached_seconds(text)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_seconds(text: str) -> float | None:
+    return _seconds(text)
+
+
+def _seconds(text: str) -> float | None:
+    nanoseconds = _go_duration(text)
+    return None if nanoseconds is None else nanoseconds / 1e9
+
+
+def _go_duration(text: str) -> int | None:
+    """Go's ``time.ParseDuration`` in one pass, in nanoseconds: ``[-+]?([0-9]*(\\.[0-9]*)?unit)+``.
+
+    Every number is checked against the limit digit by digit, as Go does, so no integer ever
+    grows past 64 bits and the cost is linear in ``len(text)``.
+    """
+    negative = text[:1] == "-"
+    rest = text[1:] if text[:1] in ("-", "+") else text
+    if rest == "0":
+        return 0
+    if not rest:
         return None
-    seconds = sum(float(n) * _UNIT_SECONDS[unit] for n, unit in _DURATION_PART.findall(text))
-    if seconds > _MAX_SECONDS:
+    total, pos = 0, 0
+    while pos < len(rest):
+        part = _duration_part(rest, pos)
+        if part is None:
+            return None
+        value, pos = part
+        total += value
+        if total > _LIMIT:
+            return None
+    if not negative and total > _LIMIT - 1:
         return None
-    return -seconds if text.startswith("-") else seconds
+    return -total if negative else total
+
+
+def _duration_part(text: str, pos: int) -> tuple[int, int] | None:
+    """One ``number unit`` at ``pos``: (nanoseconds, position after it), or None if invalid."""
+    whole, after_whole = _leading_int(text, pos)
+    if whole is None:
+        return None
+    fraction, scale, end = 0, 1.0, after_whole
+    if end < len(text) and text[end] == ".":
+        fraction, scale, end = _leading_fraction(text, end + 1)
+    if after_whole == pos and end <= after_whole + 1:  # no digit before or after the dot
+        return None
+    unit_end = end
+    while unit_end < len(text) and text[unit_end] != "." and not _is_digit(text[unit_end]):
+        unit_end += 1
+    unit = _UNIT_NANOSECONDS.get(text[end:unit_end])
+    if unit is None or whole > _LIMIT // unit:
+        return None
+    value = whole * unit + int(fraction * (unit / scale))
+    return (value, unit_end) if value <= _LIMIT else None
+
+
+def _is_digit(char: str) -> bool:
+    """ASCII only: ``str.isdigit`` would accept "\\u0661" (Arabic-Indic one), which Go does not."""
+    return "0" <= char <= "9"
+
+
+def _leading_int(text: str, pos: int) -> tuple[int | None, int]:
+    """Go's ``leadingInt``: the digits at ``pos``; None once the value passes 2**63."""
+    value = 0
+    while pos < len(text) and _is_digit(text[pos]):
+        value = value * 10 + ord(text[pos]) - ord("0")
+        if value > _LIMIT:
+            return None, pos
+        pos += 1
+    return value, pos
+
+
+def _leading_fraction(text: str, pos: int) -> tuple[int, float, int]:
+    """Go's ``leadingFraction``: (digits as an integer, 10**count, end); digits past int64 precision
+    are skipped, not added, exactly as Go does."""
+    value, scale, overflow = 0, 1.0, False
+    while pos < len(text) and _is_digit(text[pos]):
+        if not overflow:
+            candidate = value * 10 + ord(text[pos]) - ord("0")
+            overflow = value > (_LIMIT - 1) // 10 or candidate > _LIMIT
+            if not overflow:
+                value, scale = candidate, scale * 10
+        pos += 1
+    return value, scale, pos

@@ -7,6 +7,8 @@ from collections.abc import Mapping
 import pytest
 
 from reloader.annotations import (
+    MAX_LIST_CHARS,
+    MAX_LIST_ITEMS,
     AnnotationNames,
     Policy,
     Problem,
@@ -164,9 +166,26 @@ def test_typed_auto_of_other_kind_does_not_hide_the_template() -> None:
     assert parsed.wants("ConfigMap", "c", referenced=True, match=False)
 
 
-def test_exclude_on_template_is_ignored() -> None:
-    parsed = policy(None, {AUTO: "true", CM_EXCLUDE: "c"})
+@pytest.mark.parametrize(
+    ("key", "kind"), [(CM_EXCLUDE, "ConfigMap"), (SECRET_EXCLUDE, "Secret")], ids=["cm", "secret"]
+)
+def test_exclude_on_template_applies(key: str, kind: ConfigKind) -> None:
+    """Stakater's own e2e suite expects this (a pending test); its code reads metadata only."""
+    parsed = policy(None, {AUTO: "true", key: "c"})
+    assert not parsed.wants(kind, "c", referenced=True, match=False)
+    assert parsed.wants(kind, "d", referenced=True, match=False)
+
+
+def test_exclude_lists_on_metadata_and_template_add_up() -> None:
+    parsed = policy({AUTO: "true", CM_EXCLUDE: "a"}, {CM_EXCLUDE: "b"})
+    assert not parsed.wants("ConfigMap", "a", referenced=True, match=False)
+    assert not parsed.wants("ConfigMap", "b", referenced=True, match=False)
     assert parsed.wants("ConfigMap", "c", referenced=True, match=False)
+
+
+def test_exclude_on_template_does_not_hide_metadata_switches() -> None:
+    parsed = policy({SECRET_RELOAD: "s"}, {SECRET_EXCLUDE: "other"})
+    assert parsed.wants("Secret", "s", referenced=False, match=False)
 
 
 def test_exclude_on_metadata_applies_to_template_auto_and_does_not_hide_it() -> None:
@@ -262,6 +281,16 @@ def test_named_list_does_not_opt_out_of_auto_reload_all() -> None:
         pytest.param("db-[0-9]+", "db-12", True, id="character-class"),
         pytest.param("(?i)APP", "app", True, id="inline-flag"),
         pytest.param("a.b", "a-b", True, id="dot-is-a-wildcard"),
+        pytest.param("[[:alpha:]]+", "abc", True, id="posix-class"),
+        pytest.param("[[:alpha:]]+", "a1", False, id="posix-class-no-digit"),
+        pytest.param(r"\pL+", "abc", True, id="unicode-class"),
+        pytest.param(r"\Qa.b\E", "a.b", True, id="quoted-literal"),
+        pytest.param(r"\Qa.b\E", "axb", False, id="quoted-dot-is-literal"),
+        pytest.param(r"app\z", "app", True, id="end-of-text"),
+        pytest.param(r"a\{4294967296}", "a{4294967296}", True, id="escaped-brace-is-literal"),
+        pytest.param("(a|a)*b", "a" * 40, False, id="catastrophic-for-backtracking"),
+        pytest.param("(x+x+)+y", "x" * 253, False, id="nested-quantifiers"),
+        pytest.param("(" * 2000 + "a" + ")" * 2000, "a", True, id="deep-nesting"),
     ],
 )
 def test_named_list_items_are_anchored_regexes(items: str, name: str, expected: bool) -> None:
@@ -276,8 +305,14 @@ def test_named_list_items_are_anchored_regexes(items: str, name: str, expected: 
     [
         pytest.param("[b", id="unterminated-set"),
         pytest.param("(b", id="unbalanced-paren"),
-        pytest.param("[[:alpha:]]+", id="re2-posix-class"),
-        pytest.param(r"\pL+", id="re2-unicode-class"),
+        pytest.param("a{4294967296}", id="repeat-count-overflow"),
+        pytest.param("a{1001}", id="repeat-count-over-1000"),
+        pytest.param(r"x\C", id="any-byte-go-refuses"),
+        pytest.param(r"\\\C", id="escaped-backslash-then-any-byte"),
+        pytest.param("(?=a)", id="lookahead"),
+        pytest.param(r"(a)\1", id="backreference"),
+        pytest.param(r"\pL{1000}", id="program-too-large"),
+        pytest.param("x\ud800.", id="lone-surrogate"),
     ],
 )
 def test_invalid_regex_is_a_problem_and_other_items_still_apply(item: str) -> None:
@@ -289,6 +324,50 @@ def test_invalid_regex_is_a_problem_and_other_items_still_apply(item: str) -> No
     assert parsed.wants("ConfigMap", "a", referenced=False, match=False)
     assert parsed.wants("ConfigMap", "cx", referenced=False, match=False)
     assert parsed.exact_names("ConfigMap") == {"a"}
+
+
+def test_a_refused_pattern_reason_is_bounded() -> None:
+    item = "(" * 3000
+    _, problems = parse({CM_RELOAD: item})
+    assert len(problems) == 1
+    assert len(problems[0].value) <= 80 and len(problems[0].reason) <= 120
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        pytest.param("a" * (MAX_LIST_CHARS + 1), id="too-long"),
+        pytest.param(",".join(f"c{i}" for i in range(MAX_LIST_ITEMS + 1)), id="too-many-items"),
+    ],
+)
+def test_an_oversized_named_list_is_refused_whole(value: str) -> None:
+    parsed, problems = parse({CM_RELOAD: value}, {AUTO: "true"})
+    assert [(p.annotation, "the whole list is ignored" in p.reason) for p in problems] == [
+        (CM_RELOAD, True)
+    ]
+    assert len(problems[0].value) <= 80
+    assert not parsed.wants("ConfigMap", "c0", referenced=False, match=False)
+    # The key is still present on metadata, so the template's auto stays hidden.
+    assert not parsed.wants("ConfigMap", "c0", referenced=True, match=False)
+
+
+def test_a_named_list_at_the_caps_is_accepted() -> None:
+    names = [f"c{i}" for i in range(MAX_LIST_ITEMS)]
+    value = ",".join(names)
+    value += "," + "x" * (MAX_LIST_CHARS - len(value) - 1)
+    assert len(value) == MAX_LIST_CHARS and len(value.split(",")) == MAX_LIST_ITEMS + 1
+    parsed, problems = parse({CM_RELOAD: ",".join(names)})
+    assert problems == ()
+    assert parsed.exact_names("ConfigMap") == set(names)
+    long_item, _ = parse({CM_RELOAD: "c0," + "x" * (MAX_LIST_CHARS - 3)})
+    assert long_item.wants("ConfigMap", "c0", referenced=False, match=False)
+
+
+def test_problem_values_are_cut_short() -> None:
+    _, problems = parse({AUTO: "y" * 100_000, PAUSE: "1" * 100_000 + "x"})
+    assert len(problems) == 2
+    assert all(len(p.value) <= 80 and p.value.endswith("…") for p in problems)
+    assert all(len(p.text) < 300 for p in problems)
 
 
 def test_only_invalid_items_do_not_opt_in() -> None:
@@ -431,6 +510,68 @@ def test_parse_go_duration(text: str, seconds: float) -> None:
 @pytest.mark.parametrize("text", ["", "-", ".", "00", "1", "s", "1h-5m", "1e3s", "\u0661s"])
 def test_parse_go_duration_rejects(text: str) -> None:
     assert parse_go_duration(text) is None
+
+
+@pytest.mark.parametrize(
+    ("text", "nanoseconds"),
+    [
+        pytest.param("9223372036854775807ns", 2**63 - 1, id="int64-max"),
+        pytest.param("-9223372036854775808ns", -(2**63), id="int64-min"),
+        pytest.param("2562047h", 2562047 * 3600 * 10**9, id="largest-whole-hours"),
+        pytest.param("0.000000001s", 1, id="one-nanosecond"),
+        pytest.param("0.0000000009s", 0, id="below-a-nanosecond-truncates"),
+        pytest.param("1.00000000000000000000001s", 10**9, id="excess-fraction-digits"),
+        pytest.param("1h1h", 2 * 3600 * 10**9, id="repeated-unit"),
+        pytest.param("+0", 0, id="signed-zero"),
+        pytest.param("0000000000000000000001s", 10**9, id="leading-zeros"),
+    ],
+)
+def test_parse_go_duration_matches_go_at_the_edges(text: str, nanoseconds: int) -> None:
+    assert parse_go_duration(text) == pytest.approx(nanoseconds / 1e9, abs=1e-12)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        pytest.param("9223372036854775808ns", id="int64-max-plus-one"),
+        pytest.param("2562048h", id="hours-overflow"),
+        pytest.param("9" * 400 + "s", id="huge-number"),
+        pytest.param("2562047h2562047h", id="sum-overflow"),
+        pytest.param(".s", id="dot-without-digits"),
+        pytest.param("1s ", id="trailing-space"),
+        pytest.param("1S", id="unit-case"),
+    ],
+)
+def test_parse_go_duration_rejects_like_go(text: str) -> None:
+    assert parse_go_duration(text) is None
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        pytest.param("1" * 1_000_000 + "x", None, id="digits-then-junk"),
+        pytest.param("0" * 1_000_000 + "1s", 1.0, id="a-million-leading-zeros"),
+        pytest.param("." + "1" * 1_000_000 + "s", 1 / 9, id="a-million-fraction-digits"),
+        pytest.param("1ns" * 300_000, 300_000e-9, id="300k-parts"),
+        pytest.param("1" + "x" * 1_000_000, None, id="a-million-char-unit"),
+    ],
+)
+def test_parse_go_duration_is_linear_on_hostile_input(text: str, seconds: float | None) -> None:
+    """A quadratic parser takes hours on these 1 MB values (the old regex took 0.5 s at 8 kB and
+    four times that per doubling); pytest's timeout fails the test if that ever comes back."""
+    parsed = parse_go_duration(text)
+    assert parsed == (None if seconds is None else pytest.approx(seconds))
+
+
+def test_a_short_duration_is_parsed_once_per_distinct_value() -> None:
+    from reloader import annotations
+
+    annotations._cached_seconds.cache_clear()
+    for _ in range(3):
+        policy({PAUSE: "7m"})
+        policy({PAUSE: "7m"})
+    info = annotations._cached_seconds.cache_info()
+    assert (info.misses, info.hits) == (1, 5)
 
 
 # --- rollout strategy -------------------------------------------------------------------------
