@@ -19,6 +19,10 @@ removes a class of bug from the workers:
   ``overall_rate`` retries per second after a burst of ``overall_burst``. An API outage therefore
   does not turn into a retry storm, neither while it lasts nor the moment it ends.
 
+``Turns`` is the same idea for the workers' own budgets (restarts, record writes): a key over
+budget reserves its place in line once and is looked at again when its turn comes, instead of every
+deferred key polling the bucket at the same instant.
+
 Waiting keys live in a heap plus a key → ready-time dict; a heap entry whose time no longer matches
 the dict is stale and skipped (lazy deletion). One event-loop timer, armed for the earliest live
 entry, moves due keys to the ready FIFO: no task per key and no polling. It is armed from within a
@@ -38,7 +42,7 @@ import itertools
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -106,11 +110,85 @@ class TokenBucket:
         self._tokens -= 1
         return max(0.0, -self._tokens / self._rate)
 
+    def release(self) -> None:
+        """Give back one token taken by ``reserve`` (or ``try_acquire``) and then not used.
+
+        The bucket ends where it would be had the token never been taken (never above ``burst``),
+        so a caller that reserved and then found nothing to do costs the others nothing: callers
+        already in line keep their times, and the next caller gets the freed place.
+        """
+        if self._rate <= 0:
+            return
+        self._refill()
+        self._tokens = min(self._burst, self._tokens + 1)
+
     def _refill(self) -> None:
         now = self._clock()
         elapsed = max(0.0, now - self._stamp)
         self._tokens = min(self._burst, self._tokens + elapsed * self._rate)
         self._stamp = now
+
+
+class Turns(Generic[K]):
+    """Each key's place in line for one ``TokenBucket``: a key over budget waits once, for its turn.
+
+    Asking "is there a token?" and coming back after a fixed wait makes every deferred key come
+    back at the same moment, where one gets the token and the rest ask again: n keys deferred
+    together cost about n²/2 syncs. Here the first ``wait(key)`` reserves the key's turn (the k-th
+    key over budget waits k/rate) and remembers it; asking again before the turn says how long is
+    left without reserving a second one; asking when it has come takes it. So each key is looked at
+    about twice, however many wait.
+
+    A turn that will not be used (the key needs nothing after all, or left) must be ``release``d:
+    its token goes back to the bucket, so it is not lost to the keys behind it. A turn that is never
+    released only wastes its own slot (the bucket refills with time), never the budget for good.
+    """
+
+    def __init__(
+        self,
+        bucket: TokenBucket,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        slack: float = 0.005,
+    ) -> None:
+        self._bucket = bucket
+        self._clock = clock
+        self._slack = slack  # a timer may fire a hair early; that is the turn all the same
+        self._due: dict[K, float] = {}
+
+    def wait(self, key: K) -> float:
+        """0.0 if ``key``'s turn is now (taken); else the seconds until it (reserved when first
+        asked)."""
+        now = self._clock()
+        due = self._due.get(key)
+        if due is None:
+            due = now + self._bucket.reserve()
+        if due - now > self._slack:
+            self._due[key] = due
+            return due - now
+        self._due.pop(key, None)
+        return 0.0
+
+    def keep(self, key: K) -> None:
+        """Hold a turn just taken for ``key`` whose write failed and will be retried: the retry
+        goes at once, instead of paying a second token for the same write."""
+        self._due[key] = self._clock()
+
+    def release(self, key: K) -> None:
+        """``key`` will not use its turn (if it holds one): give the token back."""
+        if self._due.pop(key, None) is not None:
+            self._bucket.release()
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._due
+
+    def __iter__(self) -> Iterator[K]:
+        """The keys holding a turn."""
+        return iter(list(self._due))
+
+    def __len__(self) -> int:
+        """Keys holding a turn."""
+        return len(self._due)
 
 
 class WorkQueue(Generic[K]):

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from reloader.queue import QueueShutDown, QueueStatistics, TokenBucket, WorkQueue
+from reloader.queue import QueueShutDown, QueueStatistics, TokenBucket, Turns, WorkQueue
 
 GUARD = 10.0  # seconds; only ever reached if the queue is broken
 
@@ -491,3 +491,85 @@ def test_bucket_without_a_rate_is_unlimited(rate: float) -> None:
 def test_bucket_with_a_rate_needs_a_burst() -> None:
     with pytest.raises(ValueError, match="burst"):
         TokenBucket(rate=1.0, burst=0)
+
+
+def test_bucket_release_gives_back_an_unused_reservation() -> None:
+    clock = FakeClock()
+    bucket = TokenBucket(rate=4.0, burst=1, clock=clock)
+    assert [bucket.reserve() for _ in range(3)] == pytest.approx([0.0, 0.25, 0.5])
+    bucket.release()  # one of the two in line gave up its place
+    assert bucket.reserve() == pytest.approx(0.5), "the next caller takes the freed place"
+
+
+def test_bucket_release_never_raises_it_above_its_burst() -> None:
+    clock = FakeClock()
+    bucket = TokenBucket(rate=4.0, burst=2, clock=clock)
+    bucket.release()
+    bucket.release()
+    assert [bucket.try_acquire() for _ in range(3)] == pytest.approx([0.0, 0.0, 0.25])
+
+
+# --- turns ---------------------------------------------------------------------------------------
+
+
+def make_turns(*, rate: float = 4.0, burst: int = 1) -> tuple[Turns[str], FakeClock]:
+    clock = FakeClock()
+    return Turns(TokenBucket(rate=rate, burst=burst, clock=clock), clock=clock), clock
+
+
+def test_turns_give_each_waiting_key_its_own_time_once() -> None:
+    turns, clock = make_turns()
+    assert [turns.wait(key) for key in "abcd"] == pytest.approx([0.0, 0.25, 0.5, 0.75])
+    clock.advance(0.1)
+    assert turns.wait("c") == pytest.approx(0.4), "asking again reserves nothing more"
+    assert turns.wait("e") == pytest.approx(0.9), "behind the three already in line"
+
+
+def test_a_flood_of_deferred_keys_is_looked_at_about_twice_each() -> None:
+    """Every key comes back exactly when its reserved turn is due and takes it: n keys cost under
+    2n asks, where polling an empty bucket costs about n²/2."""
+    turns, clock = make_turns(rate=10.0, burst=1)
+    taken: list[int] = []
+    due: dict[int, float] = {}
+    for key in range(500):
+        wait = turns.wait(key)
+        if wait == 0.0:
+            taken.append(key)
+        else:
+            due[key] = clock() + wait
+    for key, when in sorted(due.items(), key=lambda item: item[1]):
+        clock.now = max(clock.now, when)
+        assert turns.wait(key) == 0.0
+        taken.append(key)
+    assert taken == list(range(500)) and len(due) == 499
+    assert clock.now - 1000.0 == pytest.approx(49.9), "still one turn per 1/rate seconds"
+
+
+def test_a_turn_that_came_is_taken_once() -> None:
+    turns, clock = make_turns()
+    turns.wait("a")
+    assert turns.wait("b") == pytest.approx(0.25)
+    clock.advance(0.25)
+    assert turns.wait("b") == 0.0
+    assert "b" not in turns
+    assert turns.wait("b") == pytest.approx(0.25), "a second write needs a second turn"
+
+
+def test_a_released_turn_goes_back_to_the_bucket() -> None:
+    """A key that reserved and then needs nothing (or left) must not cost the keys after it."""
+    turns, _ = make_turns()
+    turns.wait("a")
+    assert [turns.wait(key) for key in "bc"] == pytest.approx([0.25, 0.5])
+    turns.release("b")
+    turns.release("b")  # twice, or for a key holding nothing: no effect
+    turns.release("zzz")
+    assert "b" not in turns and len(turns) == 1
+    assert turns.wait("d") == pytest.approx(0.5), "d takes the freed place, not a third one"
+
+
+def test_kept_turn_lets_the_retry_go_at_once() -> None:
+    turns, _ = make_turns()
+    assert turns.wait("a") == 0.0
+    turns.keep("a")  # its write got a 409: the retry pays no second token
+    assert turns.wait("a") == 0.0
+    assert turns.wait("b") == pytest.approx(0.25), "b was never behind a second token for a"
