@@ -69,10 +69,10 @@ MAX_LIST_CHARS = 4096
 """A named list longer than this is refused; 64 names of 63 characters fit."""
 MAX_LIST_ITEMS = 64
 """A named list with more items than this is refused: past it, ``auto`` or a pattern is the tool."""
-RE2_MAX_MEM = 1 << 20
-"""Bytes one compiled pattern may use (RE2's default is 8 MiB); with the ``_pattern`` cache this
-bounds what patterns can cost in all. A config name has at most 253 characters, so no sincere
-pattern comes near it."""
+RE2_MAX_MEM = 256 << 10
+"""Bytes one compiled pattern may use (RE2's default is 8 MiB); with the ``_pattern`` cache's size
+this bounds what patterns can cost in all (128 MiB at the very worst). Config names are at most
+253 lowercase ASCII characters: ``[a-z0-9.-]{1,253}`` fits easily; ``\\pL{1,63}`` does not."""
 _PROBLEM_VALUE_CHARS = 80
 """How much of a rejected value a ``Problem`` keeps; the annotation itself can hold 256 KiB."""
 
@@ -136,12 +136,14 @@ _GO_REFUSES = re2.compile(
 Only ``{n}`` needs looking for: ``{n,}`` and ``{n,m}`` hold a comma, which splits the list."""
 
 
-@functools.lru_cache(maxsize=1024)
+@functools.lru_cache(maxsize=512)
 def _pattern(item: str) -> Any:
     """Compile each distinct item once: ``wants`` runs for every (config, workload) pair.
 
     Raises ``PatternError`` with RE2's reason for anything Go's ``regexp.Compile`` would refuse.
-    A failed item is not cached; compiling it again costs time linear in its (capped) length.
+    A failed item is not cached; compiling it again costs time linear in its (capped) length. The
+    compiled patterns live here only, not in each ``Policy``, so their memory stays bounded even
+    when many workloads each name distinct patterns (they are then compiled again as needed).
     """
     try:
         if _GO_REFUSES.search(item):
