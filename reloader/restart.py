@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
@@ -32,7 +33,7 @@ from typing import Any
 from reloader.annotations import DEFAULT_NAMES
 from reloader.decide import Decision, Dependency, decide, dependencies
 from reloader.digests import DigestKey
-from reloader.kube import Api, ApiConflict, ApiError, ApiNotFound, PatchType
+from reloader.kube import Api, ApiConflict, ApiError, ApiForbidden, ApiNotFound, PatchType
 from reloader.metrics import Metrics
 from reloader.model import (
     EVENTS,
@@ -55,7 +56,7 @@ from reloader.patches import (
     template_change,
     unpause_patch,
 )
-from reloader.queue import QueueShutDown, TokenBucket, WorkQueue
+from reloader.queue import QueueShutDown, TokenBucket, Turns, WorkQueue
 from reloader.snapshots import ConfigSnapshot, WorkloadSnapshot
 from reloader.watch import Informer
 
@@ -79,6 +80,17 @@ class Outcome:
     requeue_after: float = 0.0
 
 
+RECORD_RATE = 50.0
+RECORD_BURST = 100
+"""The record-write budget (first sight, re-record), separate from the restart budget: records do
+not roll pods, so they need not wait behind restarts (nor restarts behind the records of a first
+start), but 10,000 workloads seen at start-up must not be 10,000 patches at once. At 50 per second
+they are recorded in under four minutes."""
+
+CONFLICTS_BEFORE_WARNING = 5
+"""409s in a row on one workload that are expected (a cache one write behind) and logged at debug;
+more than that is worth a warning."""
+
 JOB_RECREATE_TIMEOUT = 30.0
 """How long to keep trying to create a Job again while the deleted one is still going away."""
 
@@ -96,6 +108,7 @@ class Restarter:
         policy: RestartPolicy,
         restart_budget: TokenBucket,
         metrics: Metrics,
+        record_budget: TokenBucket | None = None,
         changed_since: Callable[[WorkloadKey], float | None],
         in_scope: Callable[[str], bool] = lambda namespace: True,
         clock: Callable[[], float] = time.time,
@@ -105,7 +118,9 @@ class Restarter:
         self._configs = configs
         self._key = digest_key
         self._policy = policy
-        self._budget = restart_budget
+        self._restart_turns: Turns[WorkloadKey] = Turns(restart_budget)
+        self.record_budget = record_budget or TokenBucket(rate=RECORD_RATE, burst=RECORD_BURST)
+        self._record_turns: Turns[WorkloadKey] = Turns(self.record_budget)
         self._metrics = metrics
         self._changed_since = changed_since
         self._in_scope = in_scope
@@ -114,6 +129,28 @@ class Restarter:
         self._unborn_jobs: dict[WorkloadKey, dict[str, Any]] = {}
         """Jobs deleted for a restart whose re-creation has not succeeded yet: kept here because
         the cache no longer has them, so a retry would otherwise find nothing and drop them."""
+        for informer in workloads.values():
+            informer.subscribe(self._on_workload)
+
+    def _on_workload(self, old: WorkloadSnapshot | None, new: WorkloadSnapshot | None) -> None:
+        """A workload that left the cache takes its bookkeeping along: it may never be synced
+        again (the index does not queue deleted workloads), so ``sync`` cannot be relied on."""
+        if new is None and old is not None:
+            self._forget(old.key)
+
+    def _forget(self, key: WorkloadKey) -> None:
+        self._reported.pop(key, None)
+        self._release(key)
+
+    def _release(self, key: WorkloadKey) -> None:
+        """Give back any turn ``key`` reserved and will not use now."""
+        self._restart_turns.release(key)
+        self._record_turns.release(key)
+
+    def tracked(self) -> int:
+        """Workloads this restarter holds state for (reported problems, reserved turns): bounded
+        by the cache, since a workload that leaves it is forgotten."""
+        return len({*self._reported, *self._restart_turns, *self._record_turns})
 
     def current(self, key: WorkloadKey) -> WorkloadSnapshot | None:
         informer = self._workloads.get(key.kind)
@@ -125,9 +162,10 @@ class Restarter:
             return Outcome("restart")
         workload = self.current(key)
         if workload is None:
-            self._reported.pop(key, None)
+            self._forget(key)
             return Outcome("gone")
         if not self._in_scope(key.namespace):
+            self._release(key)
             return Outcome("out of scope")
         await self._report_problems(workload)
         configs = {kind: i.in_namespace(key.namespace) for kind, i in self._configs.items()}
@@ -140,22 +178,31 @@ class Restarter:
             reload_on_delete=self._policy.reload_on_delete,
         )
         if decision.action == "nothing":
+            self._release(key)  # it may have reserved a turn while it still needed a write
             return await self._pause_check(workload)
         if decision.action == "restart":
             wait = self._restart_wait(workload)
             if wait > 0:
                 self._metrics.restarts_deferred.inc()
                 return Outcome("deferred", requeue_after=wait)
+        else:
+            self._restart_turns.release(key)
+            wait = self._record_turns.wait(key)
+            if wait > 0:
+                return Outcome("deferred", requeue_after=wait)
         return await self._write(workload, decision, deps)
 
     def _restart_wait(self, workload: WorkloadSnapshot) -> float:
-        """Seconds to hold a restart back: per-workload interval first, then the global rate."""
-        now = self._clock()
+        """Seconds to hold a restart back: per-workload interval first, then the workload's turn
+        under the global rate (reserved once, so it is looked at again only when its turn comes)."""
+        key, now = workload.key, self._clock()
+        self._record_turns.release(key)
         if workload.last_restart_at is not None:
             remaining = workload.last_restart_at + self._policy.min_interval - now
             if remaining > 0:
+                self._restart_turns.release(key)  # not before the interval: no turn held meanwhile
                 return remaining
-        return self._budget.try_acquire()
+        return self._restart_turns.wait(key)
 
     # --- pause period (Deployments) -------------------------------------------------------------
 
@@ -222,7 +269,11 @@ class Restarter:
         except RestartFailed as failure:
             if isinstance(failure.error, ApiNotFound):
                 return Outcome("gone")  # deleted since we read it; nothing left to restart
-            if decision.action == "restart" and not failure.error.retryable:
+            if isinstance(failure.error, ApiConflict):
+                # Nothing was written: the retry on fresh state keeps this turn, not a second one.
+                turns = self._restart_turns if decision.action == "restart" else self._record_turns
+                turns.keep(key)
+            if decision.action == "restart" and permanent_for_writes(failure.error):
                 # Retryable errors (409, 429, 5xx) are counted as retries; only a restart that
                 # cannot happen counts as a failed reload.
                 self._metrics.count_reload(namespace=key.namespace, success=False)
@@ -418,6 +469,42 @@ def _fields(key: WorkloadKey, **more: object) -> dict[str, object]:
     return {"workload": f"{key.kind}/{key.name}", "namespace": key.namespace, **more}
 
 
+_RETRYABLE_CLIENT_ERRORS = frozenset({401, 408, 409, 410, 429})
+"""4xx answers a retry can cure: credentials about to be refreshed, a timeout, a stale read,
+throttling. Every other 4xx to a write (403 above all) will be the same next time."""
+
+
+def permanent_for_writes(error: ApiError) -> bool:
+    """Whether retrying the same write cannot help.
+
+    The error tree marks 403 retryable because a watch recovers once RBAC is fixed; a write refused
+    by RBAC, retried by the queue, becomes an endless stream of 403s with nothing reported. So a
+    write treats it as permanent: reported once, and tried again only when the workload or its
+    configs change (that is when someone may have fixed the grant too).
+    """
+    if not error.retryable:
+        return True
+    return 400 <= error.status < 500 and error.status not in _RETRYABLE_CLIENT_ERRORS
+
+
+_DENIED = re.compile(r'cannot ([a-z]+) resource "([a-z0-9./-]+)"(?: in API group "([a-z0-9.-]*)")?')
+
+
+def denied_permission(error: ApiError) -> str:
+    """``"patch deployments.apps"``: the permission an RBAC 403 names in its message ("" if none).
+
+    The authorizer's message is the only place the server says which verb on which resource it
+    refused (the Status details carry neither), and it is the grant an operator has to add.
+    """
+    if not isinstance(error, ApiForbidden):
+        return ""
+    found = _DENIED.search(error.message)
+    if found is None:
+        return ""
+    verb, resource, group = found.groups()
+    return f"{verb} {resource}.{group}" if group else f"{verb} {resource}"
+
+
 async def run_worker(
     *,
     queue: WorkQueue[WorkloadKey],
@@ -443,6 +530,9 @@ async def run_worker(
                 settled(key)
         finally:
             queue.done(key)
+        # get() and a sync that decides "nothing" never suspend: without this, a worker going
+        # through thousands of ready keys would hold the loop, and watches and probes would starve.
+        await asyncio.sleep(0)
 
 
 async def _failed(
@@ -450,16 +540,27 @@ async def _failed(
 ) -> None:
     key, error = failure.key, failure.error
     metrics.errors.labels(type=type(error).__name__).inc()
-    if error.retryable:
-        log.warning("write failed; will retry", extra=_fields(key, error=str(error)))
+    if not permanent_for_writes(error):
+        # A 409 is the design at work (a cache one write behind, or a workload edited meanwhile):
+        # the retry decides again on fresh state. Only one that keeps coming back is news.
+        expected = (
+            isinstance(error, ApiConflict) and queue.num_requeues(key) < CONFLICTS_BEFORE_WARNING
+        )
+        level = logging.DEBUG if expected else logging.WARNING
+        log.log(level, "write failed; will retry", extra=_fields(key, error=str(error)))
         metrics.retries.inc()
         queue.retry(key)
         return
-    # Permanent (the server rejects the patch itself): retrying cannot help. Absorb it, loudly.
-    log.error("write failed for good", extra=_fields(key, error=str(error)))
+    # Permanent (RBAC, or the server rejects the write itself): retrying cannot help. Absorb it,
+    # loudly; the next change to the workload or its configs queues it again.
+    permission = denied_permission(error)
+    fields = _fields(key, error=str(error), missing_permission=permission or None)
+    log.error("write failed for good", extra=fields)
     metrics.action_total.labels(workload_kind=key.kind, result="error").inc()
     queue.forget(key)
     workload = restarter.current(key)
     if workload is not None:
         message = f"{failure.decision.action} failed: {error}"
+        if permission:
+            message += f" (grant the controller: {permission})"
         await restarter.emit_event(workload, reason="ReloadFail", message=message, warning=True)
