@@ -33,7 +33,7 @@ from reloader import logs
 from reloader.digests import DigestKey
 from reloader.http import build_app, serve
 from reloader.index import ReferenceIndex
-from reloader.kube import Api, ApiConflict, ApiError, ApiNotFound, connect
+from reloader.kube import Api, ApiConflict, ApiError, ApiForbidden, ApiNotFound, connect
 from reloader.metrics import Metrics, Sources
 from reloader.model import (
     CONFIG_KINDS,
@@ -62,11 +62,20 @@ T = TypeVar("T")
 HASH_KEY_FIELD = "key"
 
 
+class StartupError(Exception):
+    """The controller cannot start as configured; the message says what to change. ``main``
+    logs it and exits with code 2, as for invalid settings."""
+
+
 async def load_digest_key(api: Api, settings: Settings) -> DigestKey:
     """The digest key: from the setting, else from (or into) a Secret in our own namespace.
 
     Creating it when missing means a fresh install needs no manual step; a second replica racing to
-    create it gets 409 and reads the winner's key, so all replicas agree.
+    create it gets 409 and reads the winner's key, so all replicas agree. What waiting cannot fix
+    (the namespace does not exist, RBAC refuses) raises ``StartupError`` saying what to do; the
+    namespace is never created here, since which namespace the controller lives in is the
+    installer's choice. Anything else (the server unreachable, a Secret without a usable key, which
+    editing it fixes) is retried with backoff.
     """
     if settings.hash_key is not None:
         return DigestKey.from_secret(settings.hash_key.get_secret_value().encode())
@@ -90,28 +99,21 @@ async def load_digest_key(api: Api, settings: Settings) -> DigestKey:
             await asyncio.sleep(delay)
 
 
+_OTHERWISE = "or give the key with RELOADER_HASH_KEY (docs/configuration.md#the-digest-key)"
+
+
 async def _read_or_create_key(api: Api, path: str, namespace: str, name: str) -> DigestKey:
     try:
         secret = await api.get(path)
     except ApiNotFound:
-        encoded = base64.b64encode(DigestKey.generate_secret()).decode()
-        body = {
-            "metadata": {
-                "name": name,
-                "namespace": namespace,
-                "labels": {"app.kubernetes.io/name": "reloader"},
-            },
-            "type": "Opaque",
-            "data": {HASH_KEY_FIELD: encoded},
-        }
-        try:
-            await api.create(SECRETS.collection_path(namespace), body)
-            log.info(
-                "created the digest key secret", extra={"namespace": namespace, "secret": name}
-            )
-        except ApiConflict:
-            pass
+        await _create_key(api, namespace, name)
         secret = await api.get(path)
+    except ApiForbidden as error:
+        raise StartupError(
+            f"forbidden to get Secret {name!r} in namespace {namespace!r} (the digest key): grant "
+            f"'get' on secrets named {name!r} there to the controller's account, {_OTHERWISE}. "
+            f"The server said: {error.message}"
+        ) from error
     encoded_key = (secret.get("data") or {}).get(HASH_KEY_FIELD)
     if not encoded_key:
         raise ApiError(
@@ -122,6 +124,38 @@ async def _read_or_create_key(api: Api, path: str, namespace: str, name: str) ->
     except ValueError as error:  # too short, or not base64: fixable by editing the Secret
         message = f"secret {namespace}/{name} key '{HASH_KEY_FIELD}': {error}"
         raise ApiError(0, "InvalidKeySecret", message) from error
+
+
+async def _create_key(api: Api, namespace: str, name: str) -> None:
+    """Create the key Secret with 32 random bytes; losing a race to another replica is fine."""
+    encoded = base64.b64encode(DigestKey.generate_secret()).decode()
+    body = {
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": {"app.kubernetes.io/name": "reloader"},
+        },
+        "type": "Opaque",
+        "data": {HASH_KEY_FIELD: encoded},
+    }
+    try:
+        await api.create(SECRETS.collection_path(namespace), body)
+    except ApiConflict:
+        return
+    except ApiNotFound as error:
+        raise StartupError(
+            f"namespace {namespace!r} does not exist, so the digest key Secret {name!r} cannot be "
+            f"created in it: create the namespace, or point --controller-namespace "
+            f"(RELOADER_CONTROLLER_NAMESPACE, or POD_NAMESPACE) at the namespace the controller "
+            f"runs in, {_OTHERWISE}"
+        ) from error
+    except ApiForbidden as error:
+        raise StartupError(
+            f"forbidden to create Secret {name!r} in namespace {namespace!r} (the digest key): "
+            f"grant 'create' on secrets there to the controller's account, or create the Secret "
+            f"yourself, {_OTHERWISE}. The server said: {error.message}"
+        ) from error
+    log.info("created the digest key secret", extra={"namespace": namespace, "secret": name})
 
 
 class Controller:
@@ -176,6 +210,7 @@ class Controller:
             changed_since=self._changed_since.get,
             in_scope=self._namespace_selected,
         )
+        self.restarter.pending_jobs_namespace = settings.controller_namespace
         self.metrics.attach(
             Sources(
                 informers=lambda: [i.statistics() for i in self.informers],
@@ -328,6 +363,7 @@ class Controller:
     async def _work_when_synced(self) -> None:
         await self.wait_synced()
         release_freed_memory()
+        await self._resume_pending_jobs()
         self._working = True
         log.info("caches synced; starting workers", extra={"workers": self.settings.workers})
         async with asyncio.TaskGroup() as group:
@@ -340,6 +376,36 @@ class Controller:
                         settled=self._settled,
                     )
                 )
+
+    async def _resume_pending_jobs(self) -> None:
+        """Queue the Jobs a previous run deleted and did not create again, before any other work.
+
+        Retried while the server is unreachable (the workers could do nothing then anyway); a 403
+        (RBAC without ``list`` on configmaps in the controller's namespace) is logged and skipped,
+        since it must not keep every other workload waiting.
+        """
+        backoff = Backoff()
+        while True:
+            try:
+                keys = await self.restarter.resume_pending_jobs()
+                break
+            except ApiError as error:
+                namespace = self.settings.controller_namespace
+                if isinstance(error, ApiForbidden) or not error.retryable:
+                    log.error(
+                        "cannot list pending job copies; they wait for a later start",
+                        extra={"namespace": namespace, "error": str(error)},
+                    )
+                    return
+                delay = backoff.next_delay()
+                log.warning(
+                    "cannot list pending job copies; retrying",
+                    extra={"namespace": namespace, "error": str(error), "retry_in": delay},
+                )
+                await asyncio.sleep(delay)
+        for key in keys:
+            log.info("re-creating a job a previous run deleted", extra={"job": str(key)})
+            self.queue.add(key)
 
 
 def release_freed_memory() -> None:
@@ -408,5 +474,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         log.warning(
             "flag accepted for compatibility but not supported; ignored", extra={"flag": flag}
         )
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(run(settings))
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(run(settings))
+    except StartupError as error:
+        log.error("cannot start", extra={"reason": str(error)})
+        raise SystemExit(2) from None

@@ -12,9 +12,12 @@ the API, and so every kind and strategy is a few lines here rather than a branch
   ``env-vars``, Stakater's default). One patch means a restart is never done without being recorded.
 - Every patch carries ``metadata.resourceVersion``: if the workload changed since the decision was
   made, the server answers 409 and the worker decides again on fresh state.
-- CronJob: a Job built from the jobTemplate, named after the new record, so creating it twice (a
-  retry, a second replica) is a harmless 409.
-- Job: a copy of the Job without what the Job controller generated, so it can be created again.
+- CronJob: a Job built from the jobTemplate, named after the record it replaces and the new one, so
+  creating it twice for one restart (a retry, a second replica) is a harmless 409, while every new
+  restart gets a new name, even when a config returns to an earlier value.
+- Job: a copy of the Job without what the Job controller generated, so it can be created again,
+  naming the uid of the Job it replaces; and the ConfigMap that keeps that copy while the old Job
+  is deleted and the new one not yet created.
 - Deployment pause period: ``spec.paused`` and the ``paused-at`` annotation ride on the restart
   patch; the unpause is its own patch once the period has passed.
 """
@@ -31,12 +34,29 @@ from typing import Any, Literal
 import orjson
 
 from reloader.decide import Decision, Dependency
-from reloader.digests import encode_record
-from reloader.model import KINDS, LAST_RELOADED_FROM, RECORD_ANNOTATION, ConfigKind, RawObject
+from reloader.digests import Recorded, encode_record
+from reloader.model import (
+    KINDS,
+    LAST_RELOADED_FROM,
+    RECORD_ANNOTATION,
+    ConfigKind,
+    RawObject,
+    WorkloadKey,
+)
 from reloader.snapshots import WorkloadSnapshot
 
 Strategy = Literal["annotations", "env-vars"]
 INSTANTIATE_ANNOTATION = "cronjob.kubernetes.io/instantiate"
+RECREATED_FROM_ANNOTATION = "reloader.stakater.com/recreated-from-uid"
+"""On a Job we created again: the uid of the Job it replaces. It tells our Job apart from the old
+one and from one someone else created under the same name."""
+PENDING_JOB_LABEL = "reloader.stakater.com/pending-job"
+"""On the ConfigMaps (in the controller's namespace) that keep a Job while it is re-created."""
+PENDING_JOB_KEY = "job.json"
+JOB_NAME_MAX = 63
+"""A Job's name becomes a label value on its pods (``job-name``, ``batch.kubernetes.io/job-name``),
+and label values have at most 63 characters; the CronJob controller keeps its own Job names
+(``<cronjob>-<minutes>``) under it by limiting CronJob names to 52."""
 _GENERATED_JOB_LABELS = (
     "controller-uid",
     "job-name",
@@ -195,23 +215,39 @@ def apply_template_change(template: dict[str, Any], change: Mapping[str, Any]) -
     return result
 
 
+def cronjob_job_name(cronjob: RawObject, record: Recorded) -> str:
+    """``<cronjob>-reload-<hash>``: one name per restart, the same name for a retry of it.
+
+    The hash covers the CronJob's uid, the record on it now (the state the restart starts from)
+    and the digests being recorded (not the new restart time, which a retry would change). The
+    record is written only after the Job is created, so a retry after a crash or a failed record
+    patch starts from the same record, computes the same name and gets 409. A restart that
+    completed wrote a new record with its restart time, so the next restart starts from another
+    record and gets another name, even when the config has come back to an earlier value
+    (A→B→A→B). Two restarts of one CronJob within the same second with the same digests could
+    still share a name; the minimum restart interval (10 s by default) rules that out.
+    """
+    metadata = cronjob.get("metadata", {})
+    previous = (metadata.get("annotations") or {}).get(RECORD_ANNOTATION, "")
+    target = encode_record(replace(record, restarted_at=None))
+    seed = "\n".join((metadata.get("uid", ""), previous, target))
+    suffix = hashlib.sha256(seed.encode()).hexdigest()[:8]
+    room = JOB_NAME_MAX - len("-reload-") - len(suffix)
+    # A cut name must not end in '-' or '.': "a.-reload-…" is not a valid DNS subdomain.
+    prefix = metadata.get("name", "cronjob")[:room].rstrip("-.")
+    return f"{prefix}-reload-{suffix}"
+
+
 def job_from_cronjob(
     cronjob: RawObject, change: Mapping[str, Any], *, record: Decision
 ) -> dict[str, Any]:
-    """What ``kubectl create job --from=cronjob/x`` makes, with the restart change applied.
-
-    The name is derived from the record being written, so the same decision always yields the same
-    Job name: a retry after a crash between creating the Job and recording gets 409, not a second
-    run.
-    """
+    """What ``kubectl create job --from=cronjob/x`` makes, with the restart change applied, named
+    by ``cronjob_job_name``."""
     assert record.record is not None
     metadata = cronjob.get("metadata", {})
     template = cronjob.get("spec", {}).get("jobTemplate", {})
     template_meta = template.get("metadata") or {}
-    # Named from the digests only (not the restart time), so a retry computes the same name.
-    digests_only = replace(record.record, restarted_at=None)
-    suffix = hashlib.sha256(encode_record(digests_only).encode()).hexdigest()[:8]
-    name = f"{metadata.get('name', 'cronjob')[: 63 - len(suffix) - 8]}-reload-{suffix}"
+    name = cronjob_job_name(cronjob, record.record)
     spec = dict(template.get("spec") or {})
     spec["template"] = apply_template_change(dict(spec.get("template") or {}), change)
     return {
@@ -245,11 +281,13 @@ def _without_generated_labels(labels: Mapping[str, str] | None) -> dict[str, str
 
 
 def recreated_job(job: RawObject, change: Mapping[str, Any], *, record: Decision) -> dict[str, Any]:
-    """A Job to create in place of ``job``: same name and spec, new record, nothing generated."""
+    """A Job to create in place of ``job``: same name and spec, new record, nothing generated, and
+    the uid of the Job it replaces (``RECREATED_FROM_ANNOTATION``)."""
     assert record.record is not None
     metadata = job.get("metadata", {})
     annotations = dict(metadata.get("annotations") or {})
     annotations[RECORD_ANNOTATION] = encode_record(record.record)
+    annotations[RECREATED_FROM_ANNOTATION] = metadata.get("uid", "")
     spec = {
         k: v for k, v in (job.get("spec") or {}).items() if k not in ("selector", "manualSelector")
     }
@@ -277,3 +315,42 @@ def recreated_job(job: RawObject, change: Mapping[str, Any], *, record: Decision
             for ref in metadata["ownerReferences"]
         ]
     return body
+
+
+def pending_job_name(key: WorkloadKey) -> str:
+    """The ConfigMap keeping the copy of one Job: one per Job, so a new copy replaces an old one."""
+    digest = hashlib.sha256(f"{key.namespace}/{key.name}".encode()).hexdigest()[:16]
+    return f"reloader-pending-job-{digest}"
+
+
+def pending_job_configmap(job: Mapping[str, Any], *, namespace: str) -> dict[str, Any]:
+    """A ConfigMap in the controller's ``namespace`` holding ``job`` (a ``recreated_job`` body).
+
+    Written before the old Job is deleted and removed once the new one exists, so a Job is never
+    deleted without a copy the controller can find again. A Job's pod template holds no Secret
+    values (env from Secrets is by reference), but it may hold plain env values: never log it.
+    """
+    metadata = job["metadata"]
+    key = WorkloadKey("Job", metadata["namespace"], metadata["name"])
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": pending_job_name(key),
+            "namespace": namespace,
+            "labels": {"app.kubernetes.io/name": "reloader", PENDING_JOB_LABEL: "true"},
+            "annotations": {PENDING_JOB_LABEL: f"{key.namespace}/{key.name}"},
+        },
+        "data": {PENDING_JOB_KEY: orjson.dumps(dict(job)).decode()},
+    }
+
+
+def pending_job(configmap: Mapping[str, Any]) -> tuple[WorkloadKey, dict[str, Any]] | None:
+    """The Job key and body kept in a pending-job ConfigMap; None if it is not one we wrote."""
+    try:
+        body = orjson.loads(configmap["data"][PENDING_JOB_KEY])
+        metadata = body["metadata"]
+        key = WorkloadKey("Job", str(metadata["namespace"]), str(metadata["name"]))
+    except (KeyError, TypeError, orjson.JSONDecodeError):
+        return None
+    return (key, body) if isinstance(body, dict) else None

@@ -26,9 +26,15 @@ Where each need comes from:
 ``namespace-selector``
     ``--namespace-selector``: ``app.Controller._namespace_informer`` lists and watches Namespaces.
 ``digest-key``
-    ``app._read_or_create_key`` reads the key Secret by name and creates it when missing, in the
-    controller's own namespace only. RBAC cannot restrict ``create`` to a name, so this one goes
-    in a Role in that namespace, never in the ClusterRole.
+    ``app._read_or_create_key`` reads the key Secret by name and ``app._create_key`` creates it
+    when missing, in the controller's own namespace only. RBAC cannot restrict ``create`` to a
+    name, so this one goes in a Role in that namespace, never in the ClusterRole.
+``pending-jobs``
+    ``Restarter._keep_pending`` stores a copy of a Job in a ConfigMap before deleting the Job for
+    re-creation (and replaces a copy left by an earlier attempt: delete, create);
+    ``Restarter._drop_pending`` deletes it once the new Job exists;
+    ``Restarter.resume_pending_jobs`` lists them at start-up. In the controller's own namespace
+    only, so in the same Role.
 """
 
 from __future__ import annotations
@@ -59,7 +65,12 @@ class Permission:
 
 
 Feature = Literal[
-    "always", "cronjobs-and-jobs", "argo-rollouts", "namespace-selector", "digest-key"
+    "always",
+    "cronjobs-and-jobs",
+    "argo-rollouts",
+    "namespace-selector",
+    "digest-key",
+    "pending-jobs",
 ]
 
 
@@ -93,6 +104,7 @@ NEEDS: Mapping[Feature, frozenset[Permission]] = {
     "argo-rollouts": _grant(_ROLLOUT, (*_WATCH, "get", "patch")),
     "namespace-selector": _grant(NAMESPACES, _WATCH),
     "digest-key": _grant(SECRETS, ("get",), name=KEY_SECRET) | _grant(SECRETS, ("create",)),
+    "pending-jobs": _grant(CONFIGMAPS, ("create", "list", "delete")),
 }
 
 CLUSTER_ROLE: tuple[Feature, ...] = (
@@ -108,8 +120,9 @@ NAMESPACED_ROLE: tuple[Feature, ...] = ("always", "cronjobs-and-jobs", "argo-rol
 """The single-namespace Role: the same, less Namespaces (cluster-scoped, and the selector is a
 cluster-wide flag)."""
 
-KEY_ROLE: tuple[Feature, ...] = ("digest-key",)
-"""The Role in the controller's own namespace, in both installs."""
+KEY_ROLE: tuple[Feature, ...] = ("digest-key", "pending-jobs")
+"""The Role in the controller's own namespace, in both installs: the digest key Secret and the
+copies of Jobs being re-created (its name, ``reloader-hash-key``, predates the second)."""
 
 
 def needed(features: Iterable[Feature]) -> frozenset[Permission]:

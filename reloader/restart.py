@@ -28,27 +28,40 @@ import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Literal
 
 from reloader.annotations import DEFAULT_NAMES
 from reloader.decide import Decision, Dependency, decide, dependencies
 from reloader.digests import DigestKey
-from reloader.kube import Api, ApiConflict, ApiError, ApiForbidden, ApiNotFound, PatchType
+from reloader.kube import (
+    Api,
+    ApiConflict,
+    ApiError,
+    ApiForbidden,
+    ApiInvalid,
+    ApiNotFound,
+    PatchType,
+)
 from reloader.metrics import Metrics
 from reloader.model import (
+    CONFIGMAPS,
     EVENTS,
     JOBS,
     KINDS,
-    RECORD_ANNOTATION,
     ConfigKind,
     RawObject,
     WorkloadKey,
     WorkloadKindName,
 )
 from reloader.patches import (
+    PENDING_JOB_LABEL,
+    RECREATED_FROM_ANNOTATION,
     Strategy,
     env_containers,
     job_from_cronjob,
+    pending_job,
+    pending_job_configmap,
+    pending_job_name,
     record_patch,
     recreated_job,
     restart_at_patch,
@@ -93,6 +106,8 @@ more than that is worth a warning."""
 
 JOB_RECREATE_TIMEOUT = 30.0
 """How long to keep trying to create a Job again while the deleted one is still going away."""
+JobState = Literal["ours", "old", "deleting", "other", "absent", "unknown"]
+"""The Job under a name being re-created, seen from the copy: ``_create_job`` acts on each."""
 
 
 class Restarter:
@@ -316,17 +331,26 @@ class Restarter:
             raise RestartFailed(key, decision, conflict)
         return obj
 
+    # --- CronJob and Job restarts ---------------------------------------------------------------
+
+    pending_jobs_namespace: str = "reloader"
+    """Where copies of Jobs being re-created are kept: the controller's own namespace
+    (``app.Controller`` sets it from ``--controller-namespace``)."""
+
     async def _run_cronjob(
         self, workload: WorkloadSnapshot, decision: Decision, change: Mapping[str, Any]
     ) -> None:
-        """Create a Job from the CronJob now, then record. The Job's name comes from the record, so
-        a crash or retry between the two steps yields 409 on the second create, not a second run."""
+        """Create a Job from the CronJob now, then record. The Job's name comes from the record it
+        replaces and the new one (``patches.cronjob_job_name``): a retry of this restart (a crash
+        or a failed record patch after the create) gets 409 and counts as done, while the next
+        restart gets a new name even if the config has come back to an earlier value."""
         cronjob = await self._get(workload, decision)
         job = job_from_cronjob(cronjob, change, record=decision)
         try:
             await self._api.create(JOBS.collection_path(workload.key.namespace), job)
         except ApiConflict:
-            log.info("job for this change already exists", extra=_fields(workload.key))
+            name = job["metadata"]["name"]
+            log.info("job for this restart exists already", extra=_fields(workload.key, job=name))
         except ApiError as error:
             raise RestartFailed(workload.key, decision, error) from error
         await self._patch(workload, record_patch(workload, decision), decision)
@@ -335,56 +359,142 @@ class Restarter:
         self, workload: WorkloadSnapshot, decision: Decision, change: Mapping[str, Any]
     ) -> None:
         """Delete the Job (only the very instance decided on: uid and resourceVersion
-        preconditions) and create it again with the new record. This reruns it."""
+        preconditions) and create it again with the new record. This reruns it.
+
+        A copy of the new Job is stored first (``_keep_pending``), so a Job is never deleted
+        without one: if the process dies before the create, the next start finishes it
+        (``resume_pending_jobs``). A delete refused with an answer (4xx) deleted nothing, so the
+        copy goes. A delete without an answer (timeout, connection error, 5xx) may have deleted
+        the Job: the create goes ahead and ``_create_job`` finds out which it was.
+        """
         key = workload.key
         job = await self._get(workload, decision)
         body = recreated_job(job, change, record=decision)
+        await self._keep_pending(key, body, decision)
         path = JOBS.object_path(key.namespace, key.name)
-        self._unborn_jobs[key] = body
+        preconditions = {"uid": workload.uid, "resourceVersion": workload.resource_version}
         try:
-            await self._api.delete(
-                path,
-                propagation="Background",
-                preconditions={"uid": workload.uid, "resourceVersion": workload.resource_version},
-            )
+            await self._api.delete(path, propagation="Background", preconditions=preconditions)
         except ApiError as error:
-            del self._unborn_jobs[key]
-            raise RestartFailed(key, decision, error) from error
+            if 0 < error.status < 500:
+                await self._drop_pending(key, decision)
+                raise RestartFailed(key, decision, error) from error
+            log.warning(
+                "job delete got no answer; it may be gone: creating it again",
+                extra=_fields(key, error=str(error)),
+            )
         await self._create_job(key, body)
 
     async def _create_job(self, key: WorkloadKey, body: dict[str, Any]) -> None:
-        """Create the replacement Job, waiting out the old one's removal; on failure it stays in
-        ``_unborn_jobs`` and the retry comes back here."""
+        """Create the replacement Job, waiting out the old one's removal.
+
+        The copy (``_unborn_jobs`` and its ConfigMap) stays until the Job exists, so any failure
+        here, even a refusal for good, leaves it for the next retry or the next start. It goes
+        without a create only when the old Job turns out not to be deleted (a delete that got no
+        answer and did nothing: the key is decided again) or another Job has taken the name.
+        """
         decision = Decision("restart", None, (), "re-creating the job")
         deadline = time.monotonic() + JOB_RECREATE_TIMEOUT
         while True:
             try:
                 await self._api.create(JOBS.collection_path(key.namespace), body)
-            except ApiConflict as error:  # the old Job is still being removed, or ours exists
-                if await self._job_is(key, body):
-                    self._unborn_jobs.pop(key, None)
-                    return
+                break
+            except ApiConflict as error:
+                state = await self._job_is(key, body)
+                if state == "ours":
+                    break
+                if state == "other":
+                    log.warning("another job has taken the name", extra=_fields(key))
+                if state in ("old", "other"):
+                    await self._drop_pending(key, decision)
+                    raise RestartFailed(key, decision, error) from error
                 if time.monotonic() > deadline:
                     raise RestartFailed(key, decision, error) from error
                 await asyncio.sleep(0.2)
             except ApiError as error:
                 if not error.retryable:
-                    self._unborn_jobs.pop(key, None)  # the server refuses it for good
+                    log.error(
+                        "job deleted and its replacement refused; kept for the next start",
+                        extra=_fields(key, configmap=self._pending_path(key), error=str(error)),
+                    )
                 raise RestartFailed(key, decision, error) from error
-            else:
-                self._unborn_jobs.pop(key, None)
-                return
+        await self._drop_pending(key, decision)
 
-    async def _job_is(self, key: WorkloadKey, body: dict[str, Any]) -> bool:
-        """Whether the Job now under that name is the one we meant to create (same record)."""
+    async def _job_is(self, key: WorkloadKey, body: Mapping[str, Any]) -> JobState:
+        """What the Job under that name is now, compared with the one it replaces (``body``
+        names its uid): ours, the old one (being deleted or not), another, absent, or unknown."""
         try:
             current = await self._api.get(JOBS.object_path(key.namespace, key.name))
+        except ApiNotFound:
+            return "absent"
         except ApiError:
-            return False
-        ours = body["metadata"]["annotations"].get(RECORD_ANNOTATION)
-        return bool(
-            current.get("metadata", {}).get("annotations", {}).get(RECORD_ANNOTATION) == ours
-        )
+            return "unknown"
+        metadata: Mapping[str, Any] = current.get("metadata") or {}
+        replaced = body["metadata"]["annotations"].get(RECREATED_FROM_ANNOTATION)
+        if (metadata.get("annotations") or {}).get(RECREATED_FROM_ANNOTATION) == replaced:
+            return "ours"
+        if metadata.get("uid") != replaced:
+            return "other"
+        return "deleting" if metadata.get("deletionTimestamp") else "old"
+
+    def _pending_path(self, key: WorkloadKey) -> str:
+        return CONFIGMAPS.object_path(self.pending_jobs_namespace, pending_job_name(key))
+
+    async def _keep_pending(
+        self, key: WorkloadKey, body: dict[str, Any], decision: Decision
+    ) -> None:
+        """Store the Job to create in a ConfigMap in the controller's namespace, then in memory.
+
+        A copy left by an earlier attempt (whose cleanup failed) is replaced. Without a copy the
+        Job is not deleted: the restart fails with the reason (a missing namespace is reported as
+        a permanent error, not as "the workload is gone").
+        """
+        namespace = self.pending_jobs_namespace
+        configmap = pending_job_configmap(body, namespace=namespace)
+        try:
+            try:
+                await self._api.create(CONFIGMAPS.collection_path(namespace), configmap)
+            except ApiConflict:
+                await self._api.delete(self._pending_path(key))
+                await self._api.create(CONFIGMAPS.collection_path(namespace), configmap)
+        except ApiError as error:
+            where = f"cannot keep a copy of the job in namespace {namespace} before deleting it"
+            cause: ApiError = type(error)(error.status, error.reason, f"{where}: {error.message}")
+            if isinstance(error, ApiNotFound):  # the namespace: set --controller-namespace
+                missing = f"{where}: it does not exist (see --controller-namespace)"
+                cause = ApiInvalid(error.status, error.reason, missing)
+            raise RestartFailed(key, decision, cause) from error
+        self._unborn_jobs[key] = body
+
+    async def _drop_pending(self, key: WorkloadKey, decision: Decision) -> None:
+        """Forget the copy: the ConfigMap first, so that a failure keeps the memory entry and the
+        retry comes back here rather than leaving a ConfigMap a later start would act on."""
+        try:
+            await self._api.delete(self._pending_path(key))
+        except ApiNotFound:
+            pass
+        except ApiError as error:
+            raise RestartFailed(key, decision, error) from error
+        self._unborn_jobs.pop(key, None)
+
+    async def resume_pending_jobs(self) -> list[WorkloadKey]:
+        """At start-up: Jobs a previous run deleted for re-creation and did not create again (it
+        died, lost the delete's answer, or the server refused the new Job). Their copies go back
+        into ``_unborn_jobs``; the caller queues the keys and ``sync`` finishes each creation."""
+        params = [("labelSelector", PENDING_JOB_LABEL)]
+        path = CONFIGMAPS.collection_path(self.pending_jobs_namespace)
+        page = await self._api.list_page(path, params=params)
+        keys = []
+        for item in page.get("items", []):
+            found = pending_job(item)
+            if found is None:
+                name = item.get("metadata", {}).get("name")
+                log.warning("unreadable pending job copy; left alone", extra={"configmap": name})
+                continue
+            key, body = found
+            self._unborn_jobs[key] = body
+            keys.append(key)
+        return keys
 
     async def _rollout_env_vars(
         self, workload: WorkloadSnapshot, decision: Decision, change: Mapping[str, Any]

@@ -13,8 +13,13 @@ from reloader.digests import Recorded, encode_record
 from reloader.model import LAST_RELOADED_FROM, RECORD_ANNOTATION, WorkloadKey
 from reloader.patches import (
     INSTANTIATE_ANNOTATION,
+    JOB_NAME_MAX,
+    PENDING_JOB_LABEL,
+    RECREATED_FROM_ANNOTATION,
     env_var_name,
     job_from_cronjob,
+    pending_job,
+    pending_job_configmap,
     recreated_job,
     restart_at_patch,
     restart_patch,
@@ -162,6 +167,58 @@ def test_job_name_is_the_same_for_the_same_decision_and_fits() -> None:
     assert len(long_job) <= 63
 
 
+def _cronjob_recorded(record: Recorded | None, name: str = "nightly") -> dict[str, Any]:
+    annotations = {RECORD_ANNOTATION: encode_record(record)} if record else {}
+    return {
+        **CRONJOB,
+        "metadata": {**CRONJOB["metadata"], "name": name, "annotations": annotations},
+    }
+
+
+def _restart_to(digest: str, *, at: int) -> Decision:
+    record = Recorded.of("k", {"ConfigMap/app-config": digest}, restarted_at=at)
+    return Decision("restart", record, ("ConfigMap/app-config",), "x")
+
+
+def _job_name(cronjob: dict[str, Any], decision: Decision) -> str:
+    change = template_change(snapshot("CronJob"), decision, DEPS, strategy="annotations", now=NOW)
+    return str(job_from_cronjob(cronjob, change, record=decision)["metadata"]["name"])
+
+
+def test_job_names_differ_when_a_config_comes_back_and_repeat_for_a_retry() -> None:
+    """A→B→A→B: three restarts, three names (digests alone would name the third like the first);
+    a retry (the record on the CronJob not yet written, a later restart time) keeps its name."""
+    first_sight = Recorded.of("k", {"ConfigMap/app-config": "A"})
+    to_b = _restart_to("B", at=100)
+    to_a = _restart_to("A", at=101)
+    to_b_again = _restart_to("B", at=102)
+    names = [
+        _job_name(_cronjob_recorded(first_sight), to_b),
+        _job_name(_cronjob_recorded(to_b.record), to_a),
+        _job_name(_cronjob_recorded(to_a.record), to_b_again),
+    ]
+    assert len(set(names)) == 3, names
+
+    retry = _restart_to("B", at=160)
+    assert _job_name(_cronjob_recorded(to_a.record), retry) == names[2]
+
+
+def test_job_names_differ_for_a_cronjob_recreated_under_the_same_name() -> None:
+    """Jobs of a deleted CronJob may still exist while the garbage collector works."""
+    cronjob = _cronjob_recorded(None)
+    again = {**cronjob, "metadata": {**cronjob["metadata"], "uid": "another-uid"}}
+    assert _job_name(cronjob, RESTART) != _job_name(again, RESTART)
+
+
+def test_a_cut_job_name_is_a_valid_name() -> None:
+    """A CronJob name may be 52 characters with dots; cut before "-reload-", it must not end in a
+    dot or a dash ("a.-reload-…" is not a DNS subdomain)."""
+    name = "a" * 46 + ".bcdef"
+    job_name = _job_name(_cronjob_recorded(None, name=name), RESTART)
+    assert len(job_name) <= JOB_NAME_MAX
+    assert job_name.startswith("a" * 46 + "-reload-"), job_name
+
+
 def test_recreated_job_drops_what_the_job_controller_generated() -> None:
     generated = {"controller-uid": "u", "batch.kubernetes.io/job-name": "migrate", "app": "m"}
     job: dict[str, Any] = {
@@ -194,3 +251,20 @@ def test_recreated_job_drops_what_the_job_controller_generated() -> None:
     assert "manualSelector" not in body["spec"]
     assert "status" not in body
     assert body["spec"]["template"]["metadata"]["labels"] == {"app": "m"}
+    assert body["metadata"]["annotations"][RECREATED_FROM_ANNOTATION] == "u"
+
+
+def test_pending_job_copy_holds_the_body_and_reads_back() -> None:
+    body = {"metadata": {"name": "migrate", "namespace": "apps"}, "spec": {"backoffLimit": 1}}
+    configmap = pending_job_configmap(body, namespace="reloader")
+
+    assert configmap["metadata"]["namespace"] == "reloader"
+    assert configmap["metadata"]["labels"][PENDING_JOB_LABEL] == "true"
+    assert len(configmap["metadata"]["name"]) <= 63
+    assert pending_job(configmap) == (WorkloadKey("Job", "apps", "migrate"), body)
+    other = pending_job_configmap(
+        {**body, "metadata": {"name": "migrate", "namespace": "b"}}, namespace="reloader"
+    )
+    assert other["metadata"]["name"] != configmap["metadata"]["name"]
+    assert pending_job({"data": {"job.json": "not json"}}) is None
+    assert pending_job({"data": {}}) is None
