@@ -7,14 +7,18 @@ Two pure steps:
    missing).
 2. ``decide`` — compare those digests with the ones recorded on the workload:
 
-   - no record yet (first sight, or opt-in just now) → record only: no restart on opt-in and no
-     mass restart when the controller starts for the first time;
+   - no record yet (first sight, or opt-in just now), or a record set aside because it does not
+     belong to this object and template (``snapshots.bind_record``) → record only: no restart on
+     opt-in, no mass restart when the controller starts for the first time or is upgraded, and none
+     for a template edit (its pods roll anyway and read the configs as they are now);
    - a record made under another digest key → re-record only (key rotation is not a change);
    - a recorded digest differs from the current one → restart, naming the configs that changed;
-   - a config that appeared since the record → restart only with reload-on-create, else record;
-   - a recorded config that is now missing → restart only with reload-on-delete (then forgotten);
-     otherwise its entry is kept, so the config coming back with other content restarts, and with
-     the same content does not;
+   - a config recorded as missing that exists now → restart only with reload-on-create, else
+     record; a config that is not in the record at all merely became a dependency (an opt-in, a
+     named list edited) → record only;
+   - a recorded config that is now missing → restart only with reload-on-delete (then recorded as
+     missing); otherwise its entry is kept, so the config coming back with other content restarts,
+     and with the same content does not;
    - entries for configs no longer depended on are dropped (record only);
    - otherwise nothing.
 
@@ -28,8 +32,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-from reloader.digests import DigestKey, Recorded, reference_digest
-from reloader.model import CONFIG_KINDS, ConfigKind
+from reloader.digests import ABSENT, DigestKey, Recorded, reference_digest
+from reloader.model import CONFIG_KINDS, ConfigKey, ConfigKind
 from reloader.snapshots import ConfigSnapshot, WorkloadSnapshot
 
 
@@ -65,7 +69,12 @@ def _referenced(
         match = snapshot.match if snapshot is not None else False
         if not workload.policy.wants(ref.kind, ref.name, referenced=True, match=match):
             continue
-        digest = reference_digest(snapshot.digests, ref.keys, key=key) if snapshot else None
+        config = ConfigKey(ref.kind, workload.key.namespace, ref.name)
+        digest = (
+            reference_digest(snapshot.digests, ref.keys, key=key, config=config)
+            if snapshot
+            else None
+        )
         found[config_id(ref.kind, ref.name)] = Dependency(
             ref.kind, ref.name, digest, ref.containers
         )
@@ -94,7 +103,12 @@ def _named(
             snapshot = configs[kind].get(name)
             if snapshot is not None and snapshot.ignore:
                 continue
-            digest = reference_digest(snapshot.digests, None, key=key) if snapshot else None
+            config = ConfigKey(kind, workload.key.namespace, name)
+            digest = (
+                reference_digest(snapshot.digests, None, key=key, config=config)
+                if snapshot
+                else None
+            )
             found[ident] = Dependency(kind, name, digest, first)
     return found
 
@@ -118,20 +132,47 @@ Action = Literal["restart", "record", "nothing"]
 
 @dataclass(frozen=True, slots=True)
 class Decision:
+    """What to do; ``reset`` names why a record on the object was not used (``format``, ``uid``,
+    ``template``, ``stale``, ``digest_key``), for the ``reloader_record_resets_total`` metric."""
+
     action: Action
     record: Recorded | None
     triggers: tuple[str, ...]
     reason: str
+    reset: str | None = None
 
 
 def _next_record(
     recorded: Mapping[str, str], deps: Mapping[str, Dependency], *, reload_on_delete: bool
 ) -> dict[str, str]:
-    record = {ident: dep.digest for ident, dep in deps.items() if dep.digest is not None}
+    """Every dependency's digest, ``ABSENT`` for a missing one unless reload-on-delete is off and a
+    digest was recorded for it (kept, so its return with other content restarts)."""
+    record = {ident: dep.digest or ABSENT for ident, dep in deps.items()}
     if not reload_on_delete:
         missing = (ident for ident, dep in deps.items() if dep.digest is None)
-        record.update({ident: recorded[ident] for ident in missing if ident in recorded})
+        record.update({ident: recorded[ident] for ident in missing if recorded.get(ident)})
     return record
+
+
+def _bound(
+    recorded: Recorded | None, key_id: str, configs: Mapping[str, str], restarted_at: int | None
+) -> Recorded:
+    """A new record for the same object and template as ``recorded``."""
+    uid, template = (recorded.uid, recorded.template) if recorded is not None else ("", "")
+    return Recorded.of(key_id, configs, restarted_at=restarted_at, uid=uid, template=template)
+
+
+def _fresh(
+    recorded: Recorded | None, deps: Mapping[str, Dependency], key_id: str, reload_on_delete: bool
+) -> Decision:
+    """Record what is there now, with no comparison: nothing usable was recorded."""
+    if not deps:
+        return Decision("nothing", None, (), "no configs to watch")
+    record = _next_record({}, deps, reload_on_delete=reload_on_delete)
+    reset = recorded.reset if recorded is not None else None
+    reason = f"record set aside ({reset})" if reset else "first sight"
+    restarted_at = recorded.restarted_at if recorded is not None else None
+    return Decision("record", _bound(recorded, key_id, record, restarted_at), (), reason, reset)
 
 
 def decide(
@@ -143,28 +184,25 @@ def decide(
     reload_on_delete: bool,
 ) -> Decision:
     """Compare desired and recorded digests; see the module docstring for the table."""
-    if recorded is None:
-        if not deps:
-            return Decision("nothing", None, (), "no configs to watch")
-        record = _next_record({}, deps, reload_on_delete=reload_on_delete)
-        return Decision("record", Recorded.of(key_id, record), (), "first sight")
+    if recorded is None or not recorded.usable:
+        return _fresh(recorded, deps, key_id, reload_on_delete)
     if recorded.key_id != key_id:
         record = _next_record({}, deps, reload_on_delete=reload_on_delete)
-        rekeyed = Recorded.of(key_id, record, restarted_at=recorded.restarted_at)
-        return Decision("record", rekeyed, (), "digest key changed")
+        rekeyed = _bound(recorded, key_id, record, recorded.restarted_at)
+        return Decision("record", rekeyed, (), "digest key changed", "digest_key")
     before = recorded.as_dict()
-    changed = [
-        i for i, d in deps.items() if d.digest is not None and before.get(i, d.digest) != d.digest
-    ]
-    created = [i for i, d in deps.items() if d.digest is not None and i not in before]
-    deleted = [i for i, d in deps.items() if d.digest is None and i in before]
+    present = {i: d.digest for i, d in deps.items() if d.digest is not None}
+    changed = [i for i, digest in present.items() if before.get(i, ABSENT) not in (ABSENT, digest)]
+    created = [i for i in present if before.get(i) == ABSENT]
+    deleted = [i for i, d in deps.items() if d.digest is None and before.get(i, ABSENT) != ABSENT]
     triggers = (
         changed + (created if reload_on_create else []) + (deleted if reload_on_delete else [])
     )
-    updated = Recorded.of(
+    updated = _bound(
+        recorded,
         key_id,
         _next_record(before, deps, reload_on_delete=reload_on_delete),
-        restarted_at=recorded.restarted_at,  # the restarter stamps a new time when it restarts
+        recorded.restarted_at,  # the restarter stamps a new time when it restarts
     )
     if triggers:
         return Decision("restart", updated, tuple(sorted(triggers)), "config changed")

@@ -10,8 +10,14 @@ Guarantees:
   kept, so the cache holds nothing a Secret reader could not already compute without the key.
 - A reference digest covers only the keys the workload reads (all keys for ``envFrom`` or a whole
   volume), framed without ambiguity (length-prefixed), so editing an unused key restarts nothing.
-- Every record names the key it was made with (``key_id``); a record made under another key is not
-  comparable and is re-recorded without a restart (see ``docs/configuration.md``, key rotation).
+- Every digest is bound to the config's identity (kind, namespace, name) and to the format version,
+  so equal content in two namespaces, or under two names, gives unrelated digests: a tenant who can
+  create Secrets with guessed values learns nothing by comparing digests across namespaces.
+- Every record names the key it was made with (``key_id``) and its format version (``v``); a record
+  made under another key or in another format is not comparable and is re-recorded without a
+  restart (see ``docs/configuration.md``, key rotation), so a controller upgrade restarts nothing.
+- A record names the object and pod template it was made for (``uid``, ``template``), so a record
+  copied onto a re-created object, or restored stale onto a changed template, can be set aside.
 """
 
 from __future__ import annotations
@@ -25,13 +31,21 @@ from dataclasses import dataclass
 
 import orjson
 
+from reloader.model import ConfigKey
+
+RECORD_VERSION = 2
+"""Version 1 had no ``v`` field, digests not bound to the config's identity and no binding to the
+workload; version 2 adds all three."""
+ABSENT = ""
+"""The recorded digest of a config that was missing when the record was made: its creation later is
+then told apart from a config that merely became a dependency (an opt-in, a new reference)."""
 PER_KEY_DIGEST_BYTES = 16
 KeyDigests = tuple[str | bytes, ...]
 """Per-data-key digests of one config: the sorted key names, then one bytes object holding their
 digests end to end. Flat because thousands are cached: one tuple and one bytes object per config
 instead of a tuple per key (read it with ``digest_items``)."""
 
-_ABSENT = b"\x00absent"
+_MISSING_KEY = b"\x00absent"
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,14 +74,29 @@ def _framed(*parts: bytes) -> bytes:
     return b"".join(len(part).to_bytes(4, "big") + part for part in parts)
 
 
+def _identity(config: ConfigKey) -> bytes:
+    """What binds a MAC to one config: format version, kind, namespace and name, framed."""
+    version = str(RECORD_VERSION).encode()
+    return _framed(version, config.kind.encode(), config.namespace.encode(), config.name.encode())
+
+
 def key_digests(
-    data: Mapping[str, str] | None, binary_data: Mapping[str, str] | None, *, key: DigestKey
+    data: Mapping[str, str] | None,
+    binary_data: Mapping[str, str] | None,
+    *,
+    key: DigestKey,
+    config: ConfigKey,
 ) -> KeyDigests:
-    """One HMAC per data key of a ConfigMap or Secret; ``data`` and ``binaryData`` both count."""
+    """One HMAC per data key of a ConfigMap or Secret; ``data`` and ``binaryData`` both count.
+
+    Each MAC covers the config's identity and the data key as well as the value, so the same value
+    under another name or namespace digests differently."""
     entries: list[tuple[str, bytes]] = []
+    identity = _identity(config)
     for source, tag in ((data, b"d"), (binary_data, b"b")):
         for name, value in (source or {}).items():
-            mac = hmac.new(key.secret, _framed(tag, name.encode(), value.encode()), hashlib.sha256)
+            framed = _framed(identity, tag, name.encode(), value.encode())
+            mac = hmac.new(key.secret, framed, hashlib.sha256)
             # Interned: the same key names ("config.yaml", "password") recur across thousands.
             entries.append((sys.intern(name), mac.digest()[:PER_KEY_DIGEST_BYTES]))
     entries.sort()
@@ -82,18 +111,22 @@ def digest_items(digests: KeyDigests) -> dict[str, bytes]:
     return {str(name): packed[i * size : (i + 1) * size] for i, name in enumerate(names)}
 
 
-def reference_digest(digests: KeyDigests, keys: frozenset[str] | None, *, key: DigestKey) -> str:
+def reference_digest(
+    digests: KeyDigests, keys: frozenset[str] | None, *, key: DigestKey, config: ConfigKey
+) -> str:
     """The digest of what one workload reads from one config, as 32 hex characters.
 
     A key the workload names but the config lacks counts as absent, so adding it later changes
-    the digest (the pod would see the new key after a restart).
+    the digest (the pod would see the new key after a restart). The config's identity is in the
+    MAC too: an empty config, or only absent keys, still digests differently per config.
     """
     present = digest_items(digests)
     names = sorted(present) if keys is None else sorted(keys)
     mac = hmac.new(key.secret, b"reloader reference", hashlib.sha256)
+    mac.update(_identity(config))
     mac.update(b"all" if keys is None else b"some")
     for name in names:
-        mac.update(_framed(name.encode(), present.get(name, _ABSENT)))
+        mac.update(_framed(name.encode(), present.get(name, _MISSING_KEY)))
     return mac.hexdigest()[:32]
 
 
@@ -102,35 +135,89 @@ class Recorded:
     """The digests recorded on a workload: what its running pods were started with.
 
     ``configs`` maps a config id (``ConfigMap/name`` or ``Secret/name``; the namespace is the
-    workload's own) to its reference digest. ``restarted_at`` (Unix seconds) is when the controller
-    last restarted the workload: the minimum restart interval is measured from it, for every kind
-    and strategy (a CronJob or the env-vars strategy leave no other trace on the object).
+    workload's own) to its reference digest, or to ``ABSENT`` for a config that was missing.
+    ``restarted_at`` (Unix seconds) is when the controller last restarted the workload: the minimum
+    restart interval is measured from it, for every kind and strategy (a CronJob or the env-vars
+    strategy leave no other trace on the object).
+
+    ``uid`` and ``template`` bind the record to the object (``metadata.uid``) and to its pod
+    template (``snapshots.template_hash``), and ``restarted_at`` to the template's restart marker:
+    a record that does not match the object it is found on describes other pods, and is set aside.
+    An empty ``uid`` is not bound to one object.
+
+    A ``Recorded`` with an empty ``key_id`` stands for "nothing usable recorded" on a known object:
+    it carries the object's binding, so the first record made for it is bound, and in ``reset`` why
+    a record found on the object was set aside (``format``, ``uid``, ``template``, ``stale``), if
+    one was.
     """
 
     key_id: str
     configs: tuple[tuple[str, str], ...]
     restarted_at: int | None = None
+    uid: str = ""
+    template: str = ""
+    version: int = RECORD_VERSION
+    reset: str | None = None
 
     def as_dict(self) -> dict[str, str]:
         return dict(self.configs)
 
+    @property
+    def usable(self) -> bool:
+        """Whether this is a record at all (see the class docstring)."""
+        return bool(self.key_id)
+
     @classmethod
     def of(
-        cls, key_id: str, configs: Mapping[str, str], *, restarted_at: int | None = None
+        cls,
+        key_id: str,
+        configs: Mapping[str, str],
+        *,
+        restarted_at: int | None = None,
+        uid: str = "",
+        template: str = "",
     ) -> Recorded:
-        return cls(key_id, tuple(sorted(configs.items())), restarted_at)
+        return cls(key_id, tuple(sorted(configs.items())), restarted_at, uid, template)
+
+    @classmethod
+    def nothing(
+        cls, *, uid: str, template: str, restarted_at: int | None = None, reset: str | None = None
+    ) -> Recorded:
+        """No usable record on an object with this binding; ``reset``: why one found was not."""
+        return cls("", (), restarted_at, uid, template, RECORD_VERSION, reset)
 
 
 def encode_record(record: Recorded) -> str:
     """The annotation value; stable (sorted) so an unchanged record is never rewritten."""
-    body: dict[str, object] = {"keyId": record.key_id, "configs": dict(record.configs)}
+    body: dict[str, object] = {
+        "v": record.version,
+        "keyId": record.key_id,
+        "configs": dict(record.configs),
+    }
+    if record.uid:
+        body["uid"] = record.uid
+    if record.template:
+        body["template"] = record.template
     if record.restarted_at is not None:
         body["restartedAt"] = record.restarted_at
     return orjson.dumps(body, option=orjson.OPT_SORT_KEYS).decode()
 
 
+def _text(body: Mapping[str, object], name: str) -> str:
+    value = body.get(name)
+    return value if isinstance(value, str) else ""
+
+
+def _integer(body: Mapping[str, object], name: str) -> int | None:
+    value = body.get(name)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 def decode_record(value: str | None) -> Recorded | None:
-    """Parse the annotation; anything malformed reads as no record (the workload is re-recorded)."""
+    """Parse the annotation; anything malformed reads as no record (the workload is re-recorded).
+
+    A record without ``v`` is version 1; it is still parsed (so its restart time is kept) and the
+    caller sets it aside as not comparable."""
     if not value:
         return None
     try:
@@ -144,7 +231,11 @@ def decode_record(value: str | None) -> Recorded | None:
         return None
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in configs.items()):
         return None
-    restarted_at = body.get("restartedAt")
-    if not isinstance(restarted_at, int) or isinstance(restarted_at, bool):
-        restarted_at = None
-    return Recorded.of(key_id, configs, restarted_at=restarted_at)
+    return Recorded(
+        key_id,
+        tuple(sorted(configs.items())),
+        restarted_at=_integer(body, "restartedAt"),
+        uid=_text(body, "uid"),
+        template=_text(body, "template"),
+        version=_integer(body, "v") or 1,
+    )

@@ -130,6 +130,14 @@ class Metrics:
         self.records = Counter(
             "reloader_records", "Digest records written without a restart.", registry=r
         )
+        self.record_resets = Counter(
+            "reloader_record_resets",
+            "Records found on a workload but not used, re-made without a restart, by reason: "
+            "format (older controller), uid (object re-created), template (pod template edited), "
+            "stale (a record older than the last restart put back), digest_key (key rotated).",
+            ["reason"],
+            registry=r,
+        )
         self.restarts_deferred = Counter(
             "reloader_restarts_deferred",
             "Restarts held back by the per-workload interval or the global restart rate.",

@@ -9,20 +9,36 @@ cache is small and holds no config values:
   all), its parsed ``Policy`` and any annotation problems, the digests recorded on it and the time
   of its last restart. Snapshots compare equal when nothing the controller acts on changed, which is
   how the index knows a workload update needs no second look.
+
+The record found on a workload is checked against the object here (``bind_record``): a record of an
+older format, or one that names another object (``metadata.uid``: the workload was deleted and
+re-created, e.g. ``helm upgrade --force``, Argo CD ``Replace=true``), another pod template (it was
+edited since: its pods are rolling anyway and read the configs as they are now), or that predates
+the template's last restart marker (an old record put back by a GitOps self-heal) is set aside, and
+the decision re-records without restarting.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import re
 import sys
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 import orjson
 
 from reloader.annotations import AnnotationNames, Policy, Problem, parse_policy
-from reloader.digests import DigestKey, KeyDigests, Recorded, decode_record, key_digests
+from reloader.digests import (
+    RECORD_VERSION,
+    DigestKey,
+    KeyDigests,
+    Recorded,
+    decode_record,
+    key_digests,
+)
 from reloader.model import (
     LAST_RELOADED_FROM,
     RECORD_ANNOTATION,
@@ -35,6 +51,18 @@ from reloader.model import (
     pod_template,
 )
 from reloader.references import find_references
+
+_OUR_ENV = re.compile(r"STAKATER_.+_(CONFIGMAP|SECRET)")
+"""Env vars the env-vars strategy sets (ours or Stakater's): a restart, not a template edit."""
+_GENERATED_LABELS = frozenset(
+    {
+        "controller-uid",
+        "job-name",
+        "batch.kubernetes.io/controller-uid",
+        "batch.kubernetes.io/job-name",
+    }
+)
+"""Labels the Job controller puts on a Job's pod template: they change when a Job is re-created."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +135,12 @@ def config_snapshot(
         kind=kind,
         namespace=sys.intern(metadata.get("namespace", "")),
         name=metadata.get("name", ""),
-        digests=key_digests(obj.get("data"), obj.get("binaryData"), key=context.digest_key),
+        digests=key_digests(
+            obj.get("data"),
+            obj.get("binaryData"),
+            key=context.digest_key,
+            config=ConfigKey(kind, metadata.get("namespace", ""), metadata.get("name", "")),
+        ),
         match=annotations.get(context.names.match) == "true",
         ignore=annotations.get(context.names.ignore) == "true",
     )
@@ -149,12 +182,102 @@ def _rfc3339(value: str | None) -> float | None:
     return None
 
 
+def _ours(env_var: object) -> bool:
+    return isinstance(env_var, dict) and _OUR_ENV.fullmatch(str(env_var.get("name"))) is not None
+
+
+def _without_our_env(container: object) -> object:
+    if not isinstance(container, dict) or not isinstance(container.get("env"), list):
+        return container
+    env = [
+        e
+        for e in container["env"]
+        if not (isinstance(e, dict) and _OUR_ENV.fullmatch(str(e.get("name"))))
+    ]
+    trimmed = {k: v for k, v in container.items() if k != "env"}
+    return {**trimmed, "env": env} if env else trimmed
+
+
+def _without(mapping: object, drop: Callable[[str], bool]) -> dict[str, object]:
+    return {k: v for k, v in mapping.items() if not drop(k)} if isinstance(mapping, dict) else {}
+
+
+def _mapping(value: object) -> dict[str, object]:
+    return value if isinstance(value, dict) else {}
+
+
+def template_hash(template: Mapping[str, object]) -> str:
+    """A hash of a pod template as the user wrote it: what our restarts write is left out (the
+    restart marker, the env-vars strategy's variables) and so are the Job controller's labels.
+
+    When it differs from the one in the record, the template was edited since the record was made:
+    the pods roll from that edit and read the configs as they are, so the record is made again
+    rather than compared (a key-set edit such as keyRef → envFrom is such an edit)."""
+    metadata = _mapping(template.get("metadata"))
+    annotations = _without(metadata.get("annotations"), lambda k: k == LAST_RELOADED_FROM)
+    labels = _without(metadata.get("labels"), lambda k: k in _GENERATED_LABELS)
+    trimmed_meta = _without(metadata, lambda k: k in ("annotations", "labels"))
+    spec = _mapping(template.get("spec"))
+    containers = spec.get("containers")
+    if isinstance(containers, list):
+        spec = {**spec, "containers": [_without_our_env(c) for c in containers]}
+    body = {"metadata": trimmed_meta, "annotations": annotations, "labels": labels, "spec": spec}
+    return hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
+
+
+def _stale(found: Recorded, marker_time: float | None) -> bool:
+    """Whether the record predates the last restart marker on the template: every restart writes
+    its time into both, so an older record was put back (a GitOps self-heal, a re-applied dump)."""
+    if marker_time is None:
+        return False
+    return found.restarted_at is None or found.restarted_at < int(marker_time)
+
+
+def _set_aside(
+    found: Recorded, *, uid: str, template: str, marker_time: float | None
+) -> str | None:
+    """Why the record found on a workload does not describe its pods, or None if it does."""
+    if found.version != RECORD_VERSION:
+        return "format"
+    if uid and found.uid and found.uid != uid:
+        return "uid"
+    if found.template != template:
+        return "template"
+    if _stale(found, marker_time):
+        return "stale"
+    return None
+
+
+def bind_record(
+    found: Recorded | None,
+    *,
+    uid: str,
+    template: str,
+    marker_time: float | None,
+    opted_in: bool,
+) -> Recorded | None:
+    """The record found on a workload if it belongs to it, else ``Recorded.nothing`` with why.
+
+    Not opted in and nothing found: ``None`` (nothing to keep per unrelated workload). An empty
+    ``uid`` (a Job: the controller re-creates it, so its record cannot name the new uid) binds to
+    the template only. ``marker_time`` is the restart marker's ``observedAt``: a new record starts
+    from it, so a workload restarted by Stakater keeps its minimum interval and is not stale."""
+    reset = None
+    if found is not None:
+        reset = _set_aside(found, uid=uid, template=template, marker_time=marker_time)
+        if reset is None:
+            return replace(found, uid=uid)
+    elif not opted_in:
+        return None
+    restarted_at = int(marker_time) if marker_time is not None else None
+    return Recorded.nothing(uid=uid, template=template, restarted_at=restarted_at, reset=reset)
+
+
 def workload_snapshot(
     kind: WorkloadKind, obj: RawObject, *, context: SnapshotContext
 ) -> WorkloadSnapshot:
     """Reduce a workload to what the decision needs; references only when it opts in."""
     metadata = obj.get("metadata", {})
-    recorded = decode_record(_annotations(obj).get(RECORD_ANNOTATION))
     template = pod_template(obj, kind)
     template_annotations = _annotations(template)
     policy, problems = parse_policy(
@@ -162,6 +285,18 @@ def workload_snapshot(
         template_annotations,
         names=context.names,
         auto_reload_all=context.auto_reload_all,
+    )
+    found = decode_record(_annotations(obj).get(RECORD_ANNOTATION))
+    recorded = (
+        bind_record(
+            found,
+            uid="" if kind.restart == "recreate" else metadata.get("uid", ""),
+            template=template_hash(template),
+            marker_time=_restart_time(template_annotations),
+            opted_in=policy.opted_in,
+        )
+        if found is not None or policy.opted_in
+        else None  # most workloads: no hash of their template on every status update
     )
     pod_spec = template.get("spec") if isinstance(template.get("spec"), dict) else {}
     spec = obj.get("spec")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from reloader.digests import (
+    RECORD_VERSION,
     DigestKey,
     Recorded,
     decode_record,
@@ -12,13 +13,22 @@ from reloader.digests import (
     key_digests,
     reference_digest,
 )
+from reloader.model import ConfigKey
 
 KEY = DigestKey.from_secret(b"k" * 32)
 OTHER_KEY = DigestKey.from_secret(b"o" * 32)
+CONFIG = ConfigKey("Secret", "team-a", "db")
 
 
-def digest(data: dict[str, str], keys: frozenset[str] | None = None, key: DigestKey = KEY) -> str:
-    return reference_digest(key_digests(data, None, key=key), keys, key=key)
+def digest(
+    data: dict[str, str],
+    keys: frozenset[str] | None = None,
+    key: DigestKey = KEY,
+    config: ConfigKey = CONFIG,
+) -> str:
+    return reference_digest(
+        key_digests(data, None, key=key, config=config), keys, key=key, config=config
+    )
 
 
 def test_same_content_same_digest_regardless_of_order() -> None:
@@ -46,9 +56,38 @@ def test_missing_key_then_added_changes_digest() -> None:
 
 
 def test_binary_data_counts_and_differs_from_data() -> None:
-    as_data = reference_digest(key_digests({"a": "AA=="}, None, key=KEY), None, key=KEY)
-    as_binary = reference_digest(key_digests(None, {"a": "AA=="}, key=KEY), None, key=KEY)
-    assert as_data != as_binary
+    as_data = key_digests({"a": "AA=="}, None, key=KEY, config=CONFIG)
+    as_binary = key_digests(None, {"a": "AA=="}, key=KEY, config=CONFIG)
+    assert reference_digest(as_data, None, key=KEY, config=CONFIG) != reference_digest(
+        as_binary, None, key=KEY, config=CONFIG
+    )
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        pytest.param(ConfigKey("Secret", "team-b", "db"), id="namespace"),
+        pytest.param(ConfigKey("Secret", "team-a", "db2"), id="name"),
+        pytest.param(ConfigKey("ConfigMap", "team-a", "db"), id="kind"),
+    ],
+)
+@pytest.mark.parametrize(
+    ("data", "keys"),
+    [
+        pytest.param({"pin": "1234"}, None, id="all-keys"),
+        pytest.param({"pin": "1234"}, frozenset({"pin"}), id="one-key"),
+        pytest.param({}, frozenset({"pin"}), id="key-absent"),
+        pytest.param({}, None, id="empty"),
+    ],
+)
+def test_equal_content_elsewhere_digests_differently(
+    other: ConfigKey, data: dict[str, str], keys: frozenset[str] | None
+) -> None:
+    """A tenant who guesses a value learns nothing by comparing digests across configs."""
+    assert digest(data, keys) != digest(data, keys, config=other)
+    mine = key_digests(data, None, key=KEY, config=CONFIG)
+    theirs = key_digests(data, None, key=KEY, config=other)
+    assert mine[-1] != theirs[-1] or not data, "per-key digests are bound to the config too"
 
 
 def test_digest_depends_on_key() -> None:
@@ -68,6 +107,15 @@ def test_short_key_is_refused() -> None:
 def test_record_round_trips() -> None:
     record = Recorded.of(KEY.key_id, {"Secret/db": "ab", "ConfigMap/app": "cd"})
     assert decode_record(encode_record(record)) == record
+    bound = Recorded.of(KEY.key_id, {"Secret/db": ""}, uid="u-1", template="t-1")
+    assert decode_record(encode_record(bound)) == bound
+    assert f'"v":{RECORD_VERSION}' in encode_record(bound)
+
+
+def test_a_record_without_version_is_version_one() -> None:
+    """The format of controllers before the digests were bound: parsed, then set aside."""
+    old = decode_record('{"keyId":"k","configs":{"ConfigMap/a":"d"},"restartedAt":7}')
+    assert old is not None and old.version == 1 and old.restarted_at == 7
 
 
 @pytest.mark.parametrize(
@@ -88,4 +136,5 @@ def test_malformed_record_reads_as_none(value: str | None) -> None:
 def test_restart_time_round_trips_and_is_optional() -> None:
     stamped = Recorded.of("k", {"ConfigMap/a": "d"}, restarted_at=1700000000)
     assert decode_record(encode_record(stamped)) == stamped
-    assert decode_record('{"keyId":"k","configs":{},"restartedAt":"soon"}') == Recorded.of("k", {})
+    bad_time = '{"v":2,"keyId":"k","configs":{},"restartedAt":"soon"}'
+    assert decode_record(bad_time) == Recorded.of("k", {})

@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import base64
 import pickle
+from dataclasses import replace
 from typing import Any
 
+import pytest
+
 from reloader.annotations import AnnotationNames
-from reloader.digests import DigestKey, digest_items
-from reloader.model import KINDS, ConfigRef
-from reloader.snapshots import SnapshotContext, config_snapshot, workload_snapshot
+from reloader.digests import DigestKey, Recorded, digest_items, encode_record
+from reloader.model import KINDS, RECORD_ANNOTATION, ConfigRef
+from reloader.snapshots import (
+    SnapshotContext,
+    bind_record,
+    config_snapshot,
+    template_hash,
+    workload_snapshot,
+)
 
 CONTEXT = SnapshotContext(
     digest_key=DigestKey.from_secret(b"0123456789abcdef0123"),
@@ -92,3 +101,103 @@ def test_cronjob_template_is_found_under_the_job_template() -> None:
     cron = {**body, "spec": {"jobTemplate": {"spec": {"template": body["spec"]["template"]}}}}
     snap = workload_snapshot(KINDS["CronJob"], cron, context=CONTEXT)  # type: ignore[arg-type]
     assert {ref.name for ref in snap.references} == {"cfg"}
+
+
+def template(env: list[dict[str, Any]] | None = None, **annotations: str) -> dict[str, Any]:
+    app: dict[str, Any] = {"name": "app", "envFrom": [{"configMapRef": {"name": "cfg"}}]}
+    if env is not None:
+        app["env"] = env
+    return {"metadata": {"annotations": annotations}, "spec": {"containers": [app]}}
+
+
+def test_template_hash_ignores_what_a_restart_writes() -> None:
+    plain = template_hash(template())
+    marked = template(**{"reloader.stakater.com/last-reloaded-from": '{"hash":"x"}'})
+    env_restarted = template([{"name": "STAKATER_CFG_CONFIGMAP", "value": "d"}])
+    job_labels = template()
+    job_labels["metadata"]["labels"] = {"batch.kubernetes.io/controller-uid": "u", "job-name": "j"}
+
+    assert template_hash(marked) == plain
+    assert template_hash(env_restarted) == plain
+    assert template_hash(job_labels) == plain
+
+
+def test_template_hash_sees_a_user_edit() -> None:
+    key_ref = template()
+    key_ref["spec"]["containers"][0] = {
+        "name": "app",
+        "env": [{"name": "A", "valueFrom": {"configMapKeyRef": {"name": "cfg", "key": "a"}}}],
+    }
+    restarted_by_kubectl = template(**{"kubectl.kubernetes.io/restartedAt": "now"})
+
+    assert template_hash(key_ref) != template_hash(template())
+    assert template_hash(restarted_by_kubectl) != template_hash(template())
+    assert template_hash(template([{"name": "MINE", "value": "1"}])) != template_hash(template())
+
+
+BOUND = Recorded.of("k", {"ConfigMap/cfg": "d"}, uid="u-1", template="t-1")
+
+
+@pytest.mark.parametrize(
+    ("found", "uid", "reset"),
+    [
+        pytest.param(BOUND, "u-1", None, id="belongs"),
+        pytest.param(BOUND, "", None, id="job-bound-by-template-only"),
+        pytest.param(replace(BOUND, uid=""), "u-1", None, id="written-for-a-recreated-job"),
+        pytest.param(replace(BOUND, uid="u-0"), "u-1", "uid", id="object-re-created"),
+        pytest.param(replace(BOUND, template="t-0"), "u-1", "template", id="template-edited"),
+        pytest.param(replace(BOUND, version=1), "u-1", "format", id="older-format"),
+        pytest.param(None, "u-1", None, id="none"),
+    ],
+)
+def test_a_record_is_used_only_on_its_own_object_and_template(
+    found: Recorded | None, uid: str, reset: str | None
+) -> None:
+    bound = bind_record(found, uid=uid, template="t-1", marker_time=None, opted_in=True)
+    assert bound is not None and (bound.uid, bound.template) == (uid, "t-1")
+    assert bound.usable == (found is not None and reset is None)
+    assert bound.reset == reset
+
+
+def test_no_record_is_kept_for_a_workload_that_does_not_opt_in() -> None:
+    assert bind_record(None, uid="u", template="t", marker_time=None, opted_in=False) is None
+
+
+@pytest.mark.parametrize(
+    ("restarted_at", "marker_time", "reset"),
+    [
+        pytest.param(100, 100.0, None, id="made-with-the-last-restart"),
+        pytest.param(160, 100.0, None, id="restarted-since-by-env-vars"),
+        pytest.param(None, None, None, id="never-restarted"),
+        pytest.param(40, 100.0, "stale", id="older-than-the-last-restart"),
+        pytest.param(None, 100.0, "stale", id="made-before-any-restart"),
+    ],
+)
+def test_a_record_older_than_the_restart_marker_is_stale(
+    restarted_at: int | None, marker_time: float | None, reset: str | None
+) -> None:
+    found = replace(BOUND, restarted_at=restarted_at)
+    bound = bind_record(found, uid="u-1", template="t-1", marker_time=marker_time, opted_in=True)
+    assert bound is not None and bound.reset == reset
+
+
+def test_a_first_record_starts_from_the_marker_time() -> None:
+    """A workload Stakater restarted: the marker's time is its last restart, not a stale sign."""
+    bound = bind_record(None, uid="u", template="t", marker_time=99.5, opted_in=True)
+    assert bound == Recorded.nothing(uid="u", template="t", restarted_at=99)
+
+
+def test_a_record_copied_onto_a_re_created_deployment_is_set_aside() -> None:
+    body = deployment({"reloader.stakater.com/auto": "true"})
+    body["metadata"]["uid"] = "old-uid"
+    first = workload_snapshot(KINDS["Deployment"], body, context=CONTEXT)  # type: ignore[arg-type]
+    assert first.recorded is not None
+    made = Recorded.of("k", {"ConfigMap/cfg": "d"}, uid="old-uid", template=first.recorded.template)
+    body["metadata"]["annotations"][RECORD_ANNOTATION] = encode_record(made)
+    assert workload_snapshot(KINDS["Deployment"], body, context=CONTEXT).recorded == made  # type: ignore[arg-type]
+
+    body["metadata"]["uid"] = "new-uid"
+    copied = workload_snapshot(KINDS["Deployment"], body, context=CONTEXT)  # type: ignore[arg-type]
+
+    assert copied.recorded is not None and copied.recorded.reset == "uid"
+    assert copied != first, "a re-created object must be looked at again"
