@@ -3,17 +3,22 @@
 It follows client-go's reflector (``tools/cache/reflector.go``), which has years of edge cases
 behind it:
 
-- The first LIST is a consistent read (``resourceVersion=""``), paged with ``limit``/``continue``;
+- Every LIST is a consistent read (``resourceVersion=""``), paged with ``limit``/``continue``;
   the WATCH starts from the list's resourceVersion with ``allowWatchBookmarks=true`` and a random
   ``timeoutSeconds`` in [300, 600) so many clients do not reconnect at once.
 - A watch that ends normally is resumed from the last resourceVersion seen (events and bookmarks
-  both advance it), without a relist.
+  both advance it), without a relist. A watch that ended without an event or bookmark, or within
+  ``MIN_WATCH_SECONDS``, is reopened only after a backoff (a proxy that closes every watch at once
+  must not get a request per round trip); a healthy watch resets the backoff.
 - 410 Gone (in the stream or on the request) means the server no longer has history that old: the
-  informer relists, first "not older than" the last resourceVersion, and on a second 410 from "".
-  A relist replaces this scope's part of the store and **synthesises a delete** for every object
-  that vanished in the gap, so subscribers never keep a ghost.
-- Any other failure backs off exponentially with jitter (0.8 s doubling to 30 s, reset after two
-  quiet minutes) and retries; it never ends the loop.
+  informer relists, paged, from "" (see ``_list`` for why not "not older than"). A relist replaces
+  this scope's part of the store and **synthesises a delete** for every object that vanished in
+  the gap, so subscribers never keep a ghost.
+- Any failure, of a watch or of a list (the relist after 410 included), backs off exponentially
+  with jitter (0.8 s doubling to 30 s) and retries; it never ends the loop, and it never changes the
+  store: deletes are synthesised only from a list that succeeded. A 403 after the first sync keeps
+  the store as it was (revoked RBAC says nothing about the objects); before it, the scope counts
+  as listed and empty so one missing RoleBinding does not hold the other namespaces hostage.
 - Stall watchdog: the server sends a bookmark about once a minute, so a connection silent for longer
   than ``stall_timeout`` is dead (a half-open TCP stream after an apiserver restart) and is dropped
   and reopened from the last resourceVersion.
@@ -47,8 +52,10 @@ T_contra = TypeVar("T_contra", contravariant=True)
 ALL_NAMESPACES: None = None
 PAGE_SIZE = 500
 ABSENT_RECHECK_SECONDS = 30.0
-"""How often a scope we may not read (403), or an optional kind (a CRD) that the server does not
-serve, is tried again."""
+"""How often an optional kind (a CRD) that the server does not serve is looked for again."""
+MIN_WATCH_SECONDS = 1.0
+"""A watch that ends sooner than this (or without any event or bookmark) did no useful work: the
+next one waits for the backoff. A healthy server ends a watch after its 300-600 s timeout."""
 
 
 class Subscriber(Protocol[T_contra]):
@@ -82,6 +89,10 @@ class Backoff:
         self._current = min(self._current * 2, self._cap)
         return min(delay, self._cap)
 
+    def reset(self) -> None:
+        """Start again from the initial delay: the connection has proven healthy since."""
+        self._current = self._initial
+
 
 @dataclass(frozen=True, slots=True)
 class InformerStatistics:
@@ -96,6 +107,18 @@ class InformerStatistics:
 
 class _Relist(Exception):
     """Internal: the watch must be replaced by a relist (410 Gone)."""
+
+
+@dataclass(slots=True)
+class _WatchProgress:
+    """What one watch connection achieved: healthy means it delivered an event or a bookmark and
+    lived at least ``MIN_WATCH_SECONDS``. Anything less must not be reopened at once."""
+
+    started: float
+    progressed: bool = False
+
+    def healthy(self) -> bool:
+        return self.progressed and time.monotonic() - self.started >= MIN_WATCH_SECONDS
 
 
 class Informer(Generic[T]):
@@ -177,51 +200,76 @@ class Informer(Generic[T]):
                 group.create_task(self._reflect(scope), name=f"watch-{self.resource.plural}")
 
     async def _reflect(self, namespace: str | None) -> None:
+        """List and watch one scope until cancelled; no API error ends it.
+
+        Every request, the relist after 410 included, sits inside the one ``try``, so each failure
+        backs off and retries the step that failed: the list while ``version`` is None, else the
+        watch from ``version``. An error never removes anything from the store.
+        """
         backoff = Backoff()
-        resource_version: str | None = None
+        version: str | None = None  # None: (re)list before watching
         while True:
+            listed = version is None
             try:
-                if resource_version is None:
-                    resource_version = await self._list(namespace, resume_from=None)
-                resource_version = await self._watch(namespace, resource_version)
+                if version is None:
+                    version = await self._list(namespace)
+                version = await self._watch(namespace, version, backoff)
             except _Relist:
-                resource_version = await self._relist_or_none(namespace, resource_version)
+                version = None
+                await self._relisting(namespace, backoff if listed else None)
             except ApiNotFound as error:
                 if not self._optional:
                     await self._retry_after(error, namespace, backoff)
                     continue
-                # A kind from a CRD that is not installed: nothing to cache, not an error. Look
-                # again now and then, so installing the CRD later is picked up.
-                if namespace not in self._synced_scopes:
-                    log.info(
-                        "resource not served; will check again",
-                        extra={"kind": self.resource.kind, "retry_in": ABSENT_RECHECK_SECONDS},
-                    )
-                await self._empty_until_recheck(namespace)
-                resource_version = None
+                await self._absent(namespace)
+                version = None
             except ApiForbidden as error:
-                # RBAC does not let us read this scope. Say so loudly, but do not hold the other
-                # namespaces hostage: the scope counts as listed (empty) and is tried again later.
-                self._restarts += 1
-                log.error(
-                    "forbidden to list or watch; check the RBAC of the controller's account",
-                    extra={
-                        "kind": self.resource.kind,
-                        "namespace": namespace or "*",
-                        "error": str(error),
-                        "retry_in": ABSENT_RECHECK_SECONDS,
-                    },
-                )
-                await self._empty_until_recheck(namespace)
-                resource_version = None
+                await self._forbidden(error, namespace, backoff)
             except ApiError as error:
                 await self._retry_after(error, namespace, backoff)
 
-    async def _empty_until_recheck(self, namespace: str | None) -> None:
-        """A scope we cannot read counts as listed and empty; it is listed afresh after a while."""
-        self._remove_unlisted(namespace, set())
+    async def _relisting(self, namespace: str | None, backoff: Backoff | None) -> None:
+        """Count and log a relist after 410. If the watch that expired was opened straight from a
+        list, pause first: list, 410, list again at full speed would hammer the server."""
+        self._relists += 1
+        log.info(
+            "watch expired; relisting",
+            extra={"kind": self.resource.kind, "namespace": namespace or "*"},
+        )
+        if backoff is not None:
+            await asyncio.sleep(backoff.next_delay())
+
+    async def _absent(self, namespace: str | None) -> None:
+        """A kind from a CRD that is not installed: nothing to cache, not an error. The scope
+        counts as listed (empty); installing the CRD later is picked up at the next look."""
+        if namespace not in self._synced_scopes:
+            log.info(
+                "resource not served; will check again",
+                extra={"kind": self.resource.kind, "retry_in": ABSENT_RECHECK_SECONDS},
+            )
         self._mark_synced(namespace)
         await asyncio.sleep(ABSENT_RECHECK_SECONDS)
+
+    async def _forbidden(self, error: ApiError, namespace: str | None, backoff: Backoff) -> None:
+        """RBAC does not let us read this scope (never granted, or revoked). Say so loudly, back
+        off, and retry; the store keeps what it had, since a 403 says nothing about the objects
+        (emptying it would send every subscriber a delete, and a restart storm with
+        ``--reload-on-delete``). A scope never listed counts as listed and empty, so the other
+        namespaces are not held hostage; it held nothing, so it can never delete anything later.
+        """
+        self._restarts += 1
+        delay = backoff.next_delay()
+        log.error(
+            "forbidden to list or watch; check the RBAC of the controller's account",
+            extra={
+                "kind": self.resource.kind,
+                "namespace": namespace or "*",
+                "error": str(error),
+                "retry_in": round(delay, 2),
+            },
+        )
+        self._mark_synced(namespace)
+        await asyncio.sleep(delay)
 
     async def _retry_after(self, error: ApiError, namespace: str | None, backoff: Backoff) -> None:
         self._restarts += 1
@@ -237,55 +285,61 @@ class Informer(Generic[T]):
         )
         await asyncio.sleep(delay)
 
-    async def _relist_or_none(self, namespace: str | None, last: str | None) -> str | None:
-        """Relist after 410: from the last resourceVersion, then (if that is gone too) from ""."""
-        self._relists += 1
-        log.info(
-            "watch expired; relisting",
-            extra={"kind": self.resource.kind, "namespace": namespace or "*"},
+    async def _pause_after_idle_watch(self, namespace: str | None, backoff: Backoff) -> None:
+        """A watch that ended at once or without progress is reopened after the backoff only: a
+        server or proxy that closes every watch immediately would otherwise get a hot loop."""
+        self._restarts += 1
+        delay = backoff.next_delay()
+        log.warning(
+            "watch ended without progress; reopening after a pause",
+            extra={
+                "kind": self.resource.kind,
+                "namespace": namespace or "*",
+                "retry_in": round(delay, 2),
+            },
         )
-        try:
-            return await self._list(namespace, resume_from=last)
-        except ApiGone:
-            return await self._list(namespace, resume_from=None)
+        await asyncio.sleep(delay)
 
     def _base_params(self) -> list[tuple[str, str]]:
         return [("labelSelector", self._label_selector)] if self._label_selector else []
 
-    async def _list(self, namespace: str | None, *, resume_from: str | None) -> str:
-        """LIST the scope into the store; returns the list's resourceVersion.
+    async def _list(self, namespace: str | None) -> str:
+        """LIST the scope into the store, paged; returns the list's resourceVersion.
 
         Each page is reduced to snapshots as it arrives, so a relist of 10k Secrets never holds
-        more than one page of raw objects; objects not seen in any page are then removed.
+        more than one page of raw objects; objects not seen in any page are removed only once the
+        last page has arrived (a list that fails half-way removes nothing).
+
+        The relist after 410 is also from "" rather than "not older than" the last version. Such a
+        read is served from the watch cache, and only recent watch caches apply ``limit`` (1.37's
+        ``computeListLimit`` does; older ones return every object in scope in one body, which is
+        why client-go does not page them). A consistent read is paged by every server (by etcd, or
+        by a recent watch cache), at the cost of a quorum read on old servers after a rare 410.
         """
         path = self.resource.collection_path(namespace)
         listed: set[ObjectKey] = set()
-        params = self._base_params()
-        if resume_from:
-            # Served from the watch cache, not older than what we had; client-go does not page it.
-            params += [("resourceVersion", resume_from), ("resourceVersionMatch", "NotOlderThan")]
+        version, continue_token = "", ""
+        while True:
+            params = [*self._base_params(), ("limit", str(PAGE_SIZE))]
+            if continue_token:
+                params.append(("continue", continue_token))
             page = await self._api.list_page(path, params=params)
             self._upsert_page(page.get("items") or [], listed)
             version = page["metadata"]["resourceVersion"]
-        else:
-            version, continue_token = "", ""
-            while True:
-                page_params = [*params, ("limit", str(PAGE_SIZE))]
-                if continue_token:
-                    page_params.append(("continue", continue_token))
-                page = await self._api.list_page(path, params=page_params)
-                self._upsert_page(page.get("items") or [], listed)
-                version = page["metadata"]["resourceVersion"]
-                continue_token = page["metadata"].get("continue") or ""
-                if not continue_token:
-                    break
+            continue_token = page["metadata"].get("continue") or ""
+            if not continue_token:
+                break
         self._contact()
         self._remove_unlisted(namespace, listed)
         self._mark_synced(namespace)
         return str(version)
 
-    async def _watch(self, namespace: str | None, resource_version: str) -> str:
-        """WATCH from ``resource_version`` until the server ends it; returns the last version."""
+    async def _watch(self, namespace: str | None, resource_version: str, backoff: Backoff) -> str:
+        """WATCH from ``resource_version`` until the server ends it; returns the last version.
+
+        A healthy watch resets ``backoff``, so the next failure is retried quickly; a watch that
+        ended without doing any work waits for it before the next one is opened.
+        """
         low, high = self._watch_timeout_range
         params = [
             *self._base_params(),
@@ -294,14 +348,21 @@ class Informer(Generic[T]):
             ("timeoutSeconds", str(random.randint(low, high - 1))),
         ]
         path = self.resource.collection_path(namespace)
+        progress = _WatchProgress(started=time.monotonic())
         try:
             async for event in self._api.watch(
                 path, params=params, read_timeout=self._stall_timeout
             ):
                 self._contact()
                 resource_version = self._apply_event(event) or resource_version
+                progress.progressed = True
         except ApiGone as error:
             raise _Relist from error
+        finally:
+            if progress.healthy():
+                backoff.reset()
+        if not progress.healthy():
+            await self._pause_after_idle_watch(namespace, backoff)
         return resource_version
 
     def _apply_event(self, event: Any) -> str | None:
