@@ -523,16 +523,24 @@ class Restarter:
         await self.emit_event(workload, reason="Reloaded", message=message, warning=False)
 
     async def _report_problems(self, workload: WorkloadSnapshot) -> None:
-        """Invalid annotations: one log line and one Warning Event per distinct problem set."""
+        """Invalid annotations: one log line and one Warning Event per distinct problem set.
+
+        One Event lists them all: a list of 64 bad patterns must not become 64 Events on every
+        edit. Each value is already cut short (``Problem.value``); the list is cut after a few
+        problems, so the message stays within what an Event shows.
+        """
         problems = tuple(workload.problems)
         if self._reported.get(workload.key) == problems:
             return
         self._reported[workload.key] = problems
-        for problem in problems:
-            text = f"annotation {problem.annotation}={problem.value!r} ignored: {problem.reason}"
-            log.warning("invalid annotation", extra=_fields(workload.key, problem=text))
-            self._metrics.errors.labels(type="invalid_annotation").inc()
-            await self.emit_event(workload, reason="InvalidAnnotation", message=text, warning=True)
+        if not problems:
+            return
+        listed = "; ".join(problem.text for problem in problems[:5])
+        more = f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
+        message = f"{len(problems)} invalid annotation value(s) ignored: {listed}{more}"
+        log.warning("invalid annotations", extra=_fields(workload.key, problems=message))
+        self._metrics.errors.labels(type="invalid_annotation").inc(len(problems))
+        await self.emit_event(workload, reason="InvalidAnnotation", message=message, warning=True)
 
     async def emit_event(
         self, workload: WorkloadSnapshot, *, reason: str, message: str, warning: bool
