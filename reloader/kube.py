@@ -194,8 +194,7 @@ class Api:
                 raise ApiUnavailable(0, type(error).__name__, str(error)) from error
         if not 200 <= response.status < 300:
             raise classify(response.status, payload)
-        decoded = orjson.loads(payload) if payload else {}
-        return cast(dict[str, Any], decoded)
+        return _decode_object(payload) if payload else {}
 
     async def get(self, path: str) -> RawObject:
         return cast(RawObject, await self._json("GET", path))
@@ -255,15 +254,27 @@ class Api:
                     raise ApiUnavailable(0, "WatchStalled", repr(error)) from error
                 if not chunk:
                     if pending.strip():
-                        yield cast(RawWatchEvent, orjson.loads(pending))
+                        yield cast(RawWatchEvent, _decode_object(pending))
                     return
                 pending += chunk
                 start = 0
                 while (end := pending.find(b"\n", start)) >= 0:
                     if end > start:
-                        yield cast(RawWatchEvent, orjson.loads(pending[start:end]))
+                        yield cast(RawWatchEvent, _decode_object(pending[start:end]))
                     start = end + 1
                 del pending[:start]
+
+
+def _decode_object(payload: bytes | bytearray) -> dict[str, Any]:
+    """A JSON object from the server; anything else (a truncated body, a proxy's HTML page) is
+    ``ApiUnavailable``, so callers retry it like a dropped connection instead of crashing a loop."""
+    try:
+        decoded = orjson.loads(payload)
+    except orjson.JSONDecodeError as error:
+        raise ApiUnavailable(0, "BadBody", f"response is not JSON: {error}") from error
+    if not isinstance(decoded, dict):
+        raise ApiUnavailable(0, "BadBody", f"expected a JSON object, got {type(decoded).__name__}")
+    return decoded
 
 
 async def connect(*, kubeconfig: str | None) -> Api:

@@ -41,7 +41,15 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar, cast
 
-from reloader.kube import Api, ApiError, ApiForbidden, ApiGone, ApiNotFound, classify
+from reloader.kube import (
+    Api,
+    ApiError,
+    ApiForbidden,
+    ApiGone,
+    ApiNotFound,
+    ApiUnavailable,
+    classify,
+)
 from reloader.model import ObjectKey, RawObject, Resource
 
 log = logging.getLogger("reloader.watch")
@@ -325,8 +333,11 @@ class Informer(Generic[T]):
                 params.append(("continue", continue_token))
             page = await self._api.list_page(path, params=params)
             self._upsert_page(page.get("items") or [], listed)
-            version = page["metadata"]["resourceVersion"]
-            continue_token = page["metadata"].get("continue") or ""
+            metadata: dict[str, Any] = page.get("metadata") or {}
+            version = metadata.get("resourceVersion") or ""
+            if not version:  # without it there is nothing to watch from: retry the list
+                raise ApiUnavailable(0, "BadBody", "list response without a resourceVersion")
+            continue_token = metadata.get("continue") or ""
             if not continue_token:
                 break
         self._contact()
