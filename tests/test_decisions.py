@@ -15,10 +15,18 @@ from typing import Any
 
 import pytest
 
-from reloader.digests import Recorded, decode_record
+from reloader.digests import RECORD_VERSION, DigestKey, Recorded, decode_record
 from reloader.kube import ApiNotFound
 from reloader.model import KINDS, NAMESPACES, RECORD_ANNOTATION
-from tests.scenario import Cluster, container, deployment, env_from, scenario, wait_for
+from tests.scenario import (
+    TEST_KEY,
+    Cluster,
+    container,
+    deployment,
+    env_from,
+    scenario,
+    wait_for,
+)
 
 pytestmark = pytest.mark.cluster
 AUTO = {"reloader.stakater.com/auto": "true"}
@@ -244,3 +252,26 @@ async def test_named_config_created_after_a_new_workload_does_not_restart_by_def
     await wait_record(scene, "web", other_than=first)
     await assert_sets_stay(scene, "web", 1)
     await restarts_once_for(scene, "web", "late", sets=2)
+
+
+async def test_upgrade_from_the_unbound_record_format_restarts_nothing(scene: Cluster) -> None:
+    """Records of controllers before version 2 hold digests not bound to the config: they differ
+    from today's for the same content, so comparing them would restart every workload."""
+    await scene.create_configmap("cfg", {"a": "1"})
+    key_id = DigestKey.from_secret(TEST_KEY).key_id
+    old = f'{{"keyId":"{key_id}","configs":{{"ConfigMap/cfg":"{"0" * 32}"}}}}'
+    await scene.create_workload(
+        deployment(
+            "web",
+            annotations={**AUTO, RECORD_ANNOTATION: old},
+            containers=[container(**env_from("ConfigMap", "cfg"))],
+        )
+    )
+    created = (await scene.get_deployment("web"))["spec"]["template"]
+    await scene.start_controller()
+
+    rewritten = await wait_record(scene, "web", other_than=decode_record(old))
+    await assert_sets_stay(scene, "web", 1)
+    assert (await scene.get_deployment("web"))["spec"]["template"] == created
+    assert rewritten.version == RECORD_VERSION
+    await restarts_once_for(scene, "web", "cfg", sets=2)
