@@ -206,11 +206,14 @@ class Controller:
             restart_budget=TokenBucket(
                 rate=settings.restart_rate_per_second, burst=settings.restart_burst
             ),
+            record_budget=TokenBucket(
+                rate=settings.record_rate_per_second, burst=settings.record_burst
+            ),
+            pending_jobs_namespace=settings.controller_namespace,
             metrics=self.metrics,
             changed_since=self._changed_since.get,
             in_scope=self._namespace_selected,
         )
-        self.restarter.pending_jobs_namespace = settings.controller_namespace
         self.metrics.attach(
             Sources(
                 informers=lambda: [i.statistics() for i in self.informers],

@@ -124,6 +124,7 @@ class Restarter:
         restart_budget: TokenBucket,
         metrics: Metrics,
         record_budget: TokenBucket | None = None,
+        pending_jobs_namespace: str = "reloader",
         changed_since: Callable[[WorkloadKey], float | None],
         in_scope: Callable[[str], bool] = lambda namespace: True,
         clock: Callable[[], float] = time.time,
@@ -136,6 +137,8 @@ class Restarter:
         self._restart_turns: Turns[WorkloadKey] = Turns(restart_budget)
         self.record_budget = record_budget or TokenBucket(rate=RECORD_RATE, burst=RECORD_BURST)
         self._record_turns: Turns[WorkloadKey] = Turns(self.record_budget)
+        self.pending_jobs_namespace = pending_jobs_namespace
+        """Where copies of Jobs being re-created are kept: the controller's own namespace."""
         self._metrics = metrics
         self._changed_since = changed_since
         self._in_scope = in_scope
@@ -332,10 +335,6 @@ class Restarter:
         return obj
 
     # --- CronJob and Job restarts ---------------------------------------------------------------
-
-    pending_jobs_namespace: str = "reloader"
-    """Where copies of Jobs being re-created are kept: the controller's own namespace
-    (``app.Controller`` sets it from ``--controller-namespace``)."""
 
     async def _run_cronjob(
         self, workload: WorkloadSnapshot, decision: Decision, change: Mapping[str, Any]

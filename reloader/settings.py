@@ -100,6 +100,12 @@ class Settings(BaseSettings):
         default=5.0, gt=0, description="Global restarts per second allowed (token bucket rate)."
     )
     restart_burst: int = Field(default=50, ge=1, description="Global restart burst size.")
+    record_rate_per_second: float = Field(
+        default=50.0,
+        gt=0,
+        description="Record-only writes per second (first sight, re-record; token bucket rate).",
+    )
+    record_burst: int = Field(default=100, ge=1, description="Record-only write burst size.")
     log_level: Literal["trace", "debug", "info", "warn", "warning", "error", "fatal", "panic"] = (
         Field(default="info", **_flag("--log-level", "Log level."))
     )
