@@ -12,9 +12,11 @@ The semantics are those of Stakater's ``ShouldReload`` (notes §1.2), **per conf
   template instead. So ``secret.reloader.stakater.com/reload`` on the metadata hides a template
   ``auto`` for Secrets but not for ConfigMaps: odd, but it is what Stakater does.
 - The pause period and the rollout strategy come from workload metadata only.
-- Exclude lists are read from the metadata **and** the pod template (their union). Stakater reads
-  them from metadata only, but its own e2e suite expects an exclude on the template to apply (a
-  pending test marked TODO), and an exclusion honoured in more places can only restart less.
+- Exclude lists on the metadata always apply. An exclude list on the pod template applies when the
+  template is where that kind's keys are read from (none of the four on the metadata), added to
+  the metadata's. Stakater reads exclude lists from the metadata only, but its own e2e suite
+  expects ``auto`` plus an exclude list on the template to exclude (a pending test marked TODO);
+  this is that case, and the template is read exactly when Stakater reads it for the other keys.
 - The decision: an excluded name → no; a named-list match → yes, referenced or not; otherwise the
   pod spec must reference the config, and one of these must hold: ``search`` with the config's
   ``match``, ``auto``, the typed auto, or ``--auto-reload-all`` with both auto keys empty or absent.
@@ -300,10 +302,18 @@ def _kind_rules(
     return KindRules(
         names=literal,
         patterns=patterns,
-        excluded=frozenset(_items(meta.get(keys.exclude)) + _items(template.get(keys.exclude))),
+        excluded=_excluded(meta, source, keys.exclude),
         search=_search(source, names.search, problems),
         auto=auto or typed_auto or (auto_reload_all and unset),
     )
+
+
+def _excluded(meta: Mapping[str, str], source: Mapping[str, str], key: str) -> frozenset[str]:
+    """The metadata's list, plus the template's when the template is this kind's source."""
+    names = _items(meta.get(key))
+    if source is not meta:
+        names += _items(source.get(key))
+    return frozenset(names)
 
 
 def _items(value: str | None) -> list[str]:

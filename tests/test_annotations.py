@@ -177,10 +177,20 @@ def test_exclude_on_template_applies(key: str, kind: ConfigKind) -> None:
 
 
 def test_exclude_lists_on_metadata_and_template_add_up() -> None:
-    parsed = policy({AUTO: "true", CM_EXCLUDE: "a"}, {CM_EXCLUDE: "b"})
+    parsed = policy({CM_EXCLUDE: "a"}, {AUTO: "true", CM_EXCLUDE: "b"})
     assert not parsed.wants("ConfigMap", "a", referenced=True, match=False)
     assert not parsed.wants("ConfigMap", "b", referenced=True, match=False)
     assert parsed.wants("ConfigMap", "c", referenced=True, match=False)
+
+
+def test_exclude_on_template_is_not_read_when_metadata_holds_the_switch() -> None:
+    """Like ``auto`` itself: the template is read only if none of the kind's keys is on metadata."""
+    parsed = policy({AUTO: "true"}, {CM_EXCLUDE: "c", SECRET_EXCLUDE: "s"})
+    assert parsed.wants("ConfigMap", "c", referenced=True, match=False)
+    assert parsed.wants("Secret", "s", referenced=True, match=False)
+    per_kind = policy({SECRET_RELOAD: "s"}, {AUTO: "true", CM_EXCLUDE: "c", SECRET_EXCLUDE: "s"})
+    assert not per_kind.wants("ConfigMap", "c", referenced=True, match=False)
+    assert per_kind.wants("Secret", "s", referenced=False, match=False)
 
 
 def test_exclude_on_metadata_applies_to_template_auto_and_does_not_hide_it() -> None:
