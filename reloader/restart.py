@@ -280,6 +280,8 @@ class Restarter:
                 await self._patch(workload, record_patch(workload, decision), decision)
                 log.info("recorded config digests", extra=_fields(key, reason=decision.reason))
                 self._metrics.records.inc()
+                if decision.reset:
+                    self._metrics.record_resets.labels(reason=decision.reset).inc()
                 return Outcome(
                     "record", requeue_after=max(0.0, self._pause_remaining(workload) or 0)
                 )

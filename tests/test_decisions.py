@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from reloader.app import Controller
 from reloader.digests import RECORD_VERSION, DigestKey, Recorded, decode_record
 from reloader.kube import ApiNotFound
 from reloader.model import KINDS, NAMESPACES, RECORD_ANNOTATION
@@ -173,7 +174,7 @@ async def test_re_created_workload_with_a_copied_record_is_re_recorded(scene: Cl
         "web", annotations=AUTO, containers=[container(**env_from("ConfigMap", "cfg"))]
     )
     await scene.create_workload(body)
-    await scene.start_controller()
+    controller = await scene.start_controller()
     saved = (await scene.wait_recorded("web"))["metadata"]["annotations"][RECORD_ANNOTATION]
     await scene.patch_configmap("cfg", {"data": {"a": "2"}})
     await scene.wait_marker("Deployment", "web")
@@ -199,7 +200,14 @@ async def test_re_created_workload_with_a_copied_record_is_re_recorded(scene: Cl
     now = (await scene.get_deployment("web"))["spec"]["template"]
     assert now == created["spec"]["template"], "the re-created Deployment was restarted"
     assert rewritten.uid == (await scene.get_deployment("web"))["metadata"]["uid"]
+    assert resets(controller, "uid") == 1.0
     await restarts_once_for(scene, "web", "cfg", sets=2)
+
+
+def resets(controller: Controller, reason: str) -> float:
+    """Records set aside, as the controller counts them for its operators."""
+    registry = controller.metrics.registry
+    return registry.get_sample_value("reloader_record_resets_total", {"reason": reason}) or 0.0
 
 
 async def test_stale_record_put_back_is_re_recorded(scene: Cluster) -> None:
@@ -208,7 +216,7 @@ async def test_stale_record_put_back_is_re_recorded(scene: Cluster) -> None:
     await scene.create_workload(
         deployment("web", annotations=AUTO, containers=[container(**env_from("ConfigMap", "cfg"))])
     )
-    await scene.start_controller()
+    controller = await scene.start_controller()
     saved = (await scene.wait_recorded("web"))["metadata"]["annotations"][RECORD_ANNOTATION]
     await scene.patch_configmap("cfg", {"data": {"a": "2"}})
     await scene.wait_marker("Deployment", "web")
@@ -218,6 +226,7 @@ async def test_stale_record_put_back_is_re_recorded(scene: Cluster) -> None:
 
     await wait_record(scene, "web", other_than=decode_record(saved))
     await assert_sets_stay(scene, "web", 2)
+    assert resets(controller, "stale") == 1.0
     await restarts_once_for(scene, "web", "cfg", sets=3)
 
 
