@@ -10,21 +10,37 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import copy
+import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
+
+import yaml
 
 from reloader.app import Controller
 from reloader.digests import DigestKey
-from reloader.kube import Api, ApiNotFound, ApiTooManyRequests
+from reloader.kube import Api, ApiNotFound, ApiTooManyRequests, connect_with_dict
 from reloader.model import CONFIGMAPS, EVENTS, KINDS, LAST_RELOADED_FROM, RECORD_ANNOTATION, SECRETS
 from reloader.settings import Settings
+from tests.controlplane.envtest import ControlPlane
 
 T = TypeVar("T")
 TEST_KEY = b"reloader-test-digest-key-0123456789"
 QUIET = 1.5
 """Seconds a negative test watches for a restart that must not come (debounce is 0.2 s)."""
+WRITE_VERBS = frozenset({"create", "update", "patch", "delete", "deletecollection"})
+MANIFESTS = Path(__file__).resolve().parents[1] / "manifests"
+NAMESPACED_RBAC = (
+    MANIFESTS / "overlays/namespaced/role.yaml",
+    MANIFESTS / "base/hash-key-role.yaml",
+)
+"""The namespaced overlay's RBAC files: its Role and the controller-namespace Role of the base."""
+SERVICE_ACCOUNT = "reloader"
+Change = Callable[[], Awaitable[object]]
+"""A change a test makes to the cluster (a config edit, a controller restart...)."""
 
 
 async def wait_for(
@@ -116,19 +132,36 @@ def _metadata(
     return {"name": name, "annotations": dict(annotations or {}), "labels": dict(labels or {})}
 
 
-def writes(controller: Controller) -> float:
-    """Records plus restarts (attempted) by one controller, from its own metrics.
+def marker_source(marker: str) -> tuple[str, str]:
+    """(config kind, name) a ``last-reloaded-from`` marker names, e.g. ("ConfigMap", "cfg")."""
+    parsed = json.loads(marker)
+    kind = {"CONFIGMAP": "ConfigMap", "SECRET": "Secret"}[parsed["type"]]
+    return kind, str(parsed["name"])
 
-    Tests use this rather than the workload's resourceVersion, which the Deployment controller's
-    status updates also change.
-    """
-    registry = controller.metrics.registry
-    samples = [
-        ("reloader_records_total", {}),
-        ("reloader_reload_executed_total", {"success": "true"}),
-        ("reloader_reload_executed_total", {"success": "false"}),
-    ]
-    return sum(registry.get_sample_value(name, labels) or 0.0 for name, labels in samples)
+
+def refused(api: Api) -> dict[tuple[str, str], int]:
+    """The requests the server answered 403, by (method, status): RBAC drift shows here."""
+    return {key: n for key, n in api.statistics().requests.items() if key[1] == "403"}
+
+
+def audited_writes(plane: ControlPlane, user: str) -> list[str]:
+    """Every write ``user`` made, as the apiserver's audit log has it ("patch deployments/web")."""
+    found = []
+    for event in plane.audit_events(user):
+        if event.get("verb") in WRITE_VERBS and event.get("stage") == "ResponseComplete":
+            ref = event.get("objectRef", {})
+            resource = "/".join(filter(None, [ref.get("resource"), ref.get("subresource")]))
+            found.append(f"{event['verb']} {resource}/{ref.get('name', '')}")
+    return found
+
+
+def with_token(kubeconfig: Mapping[str, Any], token: str) -> dict[str, Any]:
+    """The same server and CA, authenticated by ``token`` alone."""
+    result = copy.deepcopy(dict(kubeconfig))
+    context = next(c for c in result["contexts"] if c["name"] == result["current-context"])
+    user = next(u for u in result["users"] if u["name"] == context["context"]["user"])
+    user["user"] = {"token": token}
+    return result
 
 
 @dataclass
@@ -140,6 +173,8 @@ class Cluster:
     controllers: list[tuple[Controller, asyncio.Event, asyncio.Task[None]]] = field(
         default_factory=list
     )
+    apis: list[Api] = field(default_factory=list)
+    """Clients of other identities made for this test, closed after its controllers stop."""
 
     async def create_configmap(
         self,
@@ -185,13 +220,18 @@ class Cluster:
         path = KINDS[kind].resource.object_path(self.namespace, name)  # type: ignore[index]
         return dict(await self.api.get(path))
 
-    async def marker(self, kind: str, name: str) -> str | None:
-        """The restart marker on a workload's pod template, if any."""
-        obj = await self.get_workload(kind, name)
-        node: Any = obj
+    async def pod_template(self, kind: str, name: str) -> dict[str, Any]:
+        """A workload's pod template as the server has it: what rolls the pods when it changes."""
+        node: Any = await self.get_workload(kind, name)
         for step in KINDS[kind].pod_template_path:  # type: ignore[index]
             node = node.get(step) or {}
-        return (node.get("metadata") or {}).get("annotations", {}).get(LAST_RELOADED_FROM)
+        return dict(node)
+
+    async def marker(self, kind: str, name: str) -> str | None:
+        """The restart marker on a workload's pod template, if any."""
+        template = await self.pod_template(kind, name)
+        found = (template.get("metadata") or {}).get("annotations", {}).get(LAST_RELOADED_FROM)
+        return str(found) if found is not None else None
 
     async def wait_marker(self, kind: str, name: str, *, other_than: str | None = None) -> str:
         async def changed() -> str | None:
@@ -252,10 +292,149 @@ class Cluster:
         found = len(await self.replica_sets(name))
         assert found == count, f"{name} has {found} ReplicaSets, expected exactly {count}"
 
+    async def settled_replica_sets(self, name: str) -> set[str]:
+        """The ReplicaSets of a Deployment once its controller has seen its latest spec."""
+
+        async def observed() -> bool:
+            obj = await self.get_deployment(name)
+            seen = obj.get("status", {}).get("observedGeneration", 0)
+            return bool(seen >= obj["metadata"]["generation"] and await self.replica_sets(name))
+
+        await wait_for(observed, message=f"Deployment {name} observed by its controller")
+        return {rs["metadata"]["name"] for rs in await self.replica_sets(name)}
+
+    async def assert_not_restarted(
+        self, name: str, wrong: Change, *, kind: str = "Deployment", quiet: float = QUIET
+    ) -> None:
+        """Make ``wrong`` alone and check, after ``quiet`` seconds, that nothing restarted.
+
+        The evidence is the server's: the pod template is unchanged (a restart by either strategy
+        changes it; record writes touch only metadata) and, for a Deployment, no ReplicaSet was
+        added. ``quiet`` must outlast the debounce plus the controller's reaction; the caller then
+        proves the controller was alive (``assert_not_restarted_then_restarts``), or this proves
+        nothing.
+        """
+        before = await self.pod_template(kind, name)
+        sets = await self.settled_replica_sets(name) if kind == "Deployment" else set()
+        await wrong()
+        await asyncio.sleep(quiet)
+        assert await self.pod_template(kind, name) == before, f"{kind} {name} was restarted"
+        if kind == "Deployment":
+            now = {rs["metadata"]["name"] for rs in await self.replica_sets(name)}
+            assert now == sets, f"{name} rolled out: ReplicaSets {sorted(sets)} -> {sorted(now)}"
+
+    async def assert_not_restarted_then_restarts(
+        self,
+        name: str,
+        *,
+        wrong: Change,
+        right: Change,
+        source: tuple[str, str] | None,
+        kind: str = "Deployment",
+        quiet: float = QUIET,
+    ) -> None:
+        """The discriminating negative check: ``wrong`` alone restarts nothing, then ``right``
+        restarts exactly once and the marker names ``source`` (config kind, name).
+
+        Making both changes inside one debounce window proves nothing: one rollout appears
+        whether or not the first was ignored. Here the first is judged on its own, and the second
+        shows the controller was alive and watching when it was made. ``source=None`` is for the
+        env-vars strategy, which leaves no marker: the template must still change.
+        """
+        await self.assert_not_restarted(name, wrong, kind=kind, quiet=quiet)
+        before = await self.pod_template(kind, name)
+        sets = await self.settled_replica_sets(name) if kind == "Deployment" else set()
+        await right()
+
+        async def changed() -> dict[str, Any] | None:
+            template = await self.pod_template(kind, name)
+            return template if template != before else None
+
+        await wait_for(changed, message=f"{kind} {name} restarted by the change that must")
+        if source is not None:
+            marker = await self.marker(kind, name)
+            assert marker is not None, f"{kind} {name} restarted without a marker"
+            assert marker_source(marker) == source, f"the marker names another config: {marker}"
+        if kind == "Deployment":
+            await self.assert_replica_sets_stay(name, len(sets) + 1)
+
+    async def audited_api(self, plane: ControlPlane, user: str) -> Api:
+        """A cluster-admin client as ``user``, whose requests the audit log records (see
+        ``audited_writes``); closed at teardown."""
+        api = await connect_with_dict(plane.audited_kubeconfig(user))
+        self.apis.append(api)
+        return api
+
+    async def as_service_account(self, kubeconfig: Mapping[str, Any]) -> Api:
+        """A client of ServiceAccount ``reloader`` in this namespace, bound to the namespaced
+        overlay's Roles exactly as shipped (``NAMESPACED_RBAC``; this namespace is also the
+        controller's), with a TokenRequest token; closed at teardown.
+
+        Running a controller with it proves the shipped RBAC covers what that test exercises:
+        a missing grant is a 403 (``refused``) and a reload that never comes.
+        """
+        accounts = f"/api/v1/namespaces/{self.namespace}/serviceaccounts"
+        await self.api.create(accounts, {"metadata": {"name": SERVICE_ACCOUNT}})
+        rbac = "/apis/rbac.authorization.k8s.io/v1/namespaces"
+        rules: list[dict[str, Any]] = []
+        docs = [d for path in NAMESPACED_RBAC for d in yaml.safe_load_all(path.read_text())]
+        for doc in docs:
+            doc["metadata"]["namespace"] = self.namespace
+            for subject in doc.get("subjects", []):
+                subject["namespace"] = self.namespace
+            rules += doc.get("rules", [])
+            plural = "roles" if doc["kind"] == "Role" else "rolebindings"
+            await self.api.create(f"{rbac}/{self.namespace}/{plural}", doc)
+        request = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": {}}
+        answer: dict[str, Any] = dict(
+            await self.api.create(f"{accounts}/{SERVICE_ACCOUNT}/token", request)
+        )
+        api = await connect_with_dict(with_token(kubeconfig, answer["status"]["token"]))
+        self.apis.append(api)
+        await self._wait_allowed(api, rules)
+        return api
+
+    async def _wait_allowed(self, api: Api, rules: list[dict[str, Any]]) -> None:
+        """Wait until the authorizer grants ``api`` every rule (it lags RBAC writes briefly)."""
+        pending = [
+            (group, resource, verb, name)
+            for rule in rules
+            for group in rule["apiGroups"]
+            for resource in rule["resources"]
+            for verb in rule["verbs"]
+            for name in rule.get("resourceNames") or [""]
+        ]
+
+        async def all_allowed() -> bool:
+            for grant in list(pending):
+                if await self._allowed(api, *grant):
+                    pending.remove(grant)
+            return not pending
+
+        await wait_for(all_allowed, timeout=15, message=f"RBAC in effect: {pending}")
+
+    async def _allowed(self, api: Api, group: str, resource: str, verb: str, name: str) -> bool:
+        """Whether the server authorises ``api`` (a SelfSubjectAccessReview in this namespace)."""
+        resource, _, subresource = resource.partition("/")
+        attributes = {"namespace": self.namespace, "group": group, "verb": verb, "name": name}
+        attributes |= {"resource": resource, "subresource": subresource}
+        review = {
+            "apiVersion": "authorization.k8s.io/v1",
+            "kind": "SelfSubjectAccessReview",
+            "spec": {"resourceAttributes": attributes},
+        }
+        path = "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews"
+        answer: dict[str, Any] = dict(await api.create(path, review))
+        return bool(answer.get("status", {}).get("allowed"))
+
     async def start_controller(
-        self, *, digest_key: bytes = TEST_KEY, **overrides: Any
+        self, *, digest_key: bytes = TEST_KEY, api: Api | None = None, **overrides: Any
     ) -> Controller:
-        """Run a controller on this namespace in the test's event loop; stopped at teardown."""
+        """Run a controller on this namespace in the test's event loop; stopped at teardown.
+
+        ``api`` runs it as another identity (a ServiceAccount, an audited user); by default it
+        shares the test's admin client.
+        """
         options: dict[str, Any] = {
             "namespaces": [self.namespace],
             "debounce_seconds": 0.2,
@@ -264,7 +443,7 @@ class Cluster:
         }
         settings = Settings(**options)
         controller = Controller(
-            settings=settings, api=self.api, digest_key=DigestKey.from_secret(digest_key)
+            settings=settings, api=api or self.api, digest_key=DigestKey.from_secret(digest_key)
         )
         stop = asyncio.Event()
         task = asyncio.create_task(controller.run(stop))
@@ -287,6 +466,8 @@ async def scenario(api: Api, namespace: str) -> AsyncIterator[Cluster]:
         yield cluster
     finally:
         await cluster.stop_controllers()
+        for other in cluster.apis:
+            await other.close()
 
 
 async def exists(api: Api, path: str) -> bool:

@@ -1,8 +1,11 @@
 """Every Stakater annotation form, on workload metadata and on the pod template, end to end.
 
-Each test makes the change that must NOT restart first and the one that must second, then checks
-there are exactly two ReplicaSets after a quiet period: a wrong restart on the first change shows
-up as a third ReplicaSet (or as two too early), a missing one as a single ReplicaSet.
+Each negative test makes the change that must NOT restart alone and waits a quiet period longer
+than the debounce and the controller's reaction: the pod template must be unchanged and no
+ReplicaSet added. Only then is the change that must restart made, which proves the controller was
+alive; it must restart exactly once, with a marker naming that config
+(``Cluster.assert_not_restarted_then_restarts``). Making both changes in one debounce window would
+give one rollout whether or not the first was ignored.
 """
 
 from __future__ import annotations
@@ -11,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from tests.scenario import Cluster, container, deployment, env_from
+from reloader.model import KINDS, RECORD_ANNOTATION
+from tests.scenario import Change, Cluster, container, deployment, env_from
 
 pytestmark = pytest.mark.cluster
 
@@ -32,6 +36,15 @@ async def change(scene: Cluster, kind: str, name: str, value: str = "2") -> None
         await scene.set_secret(name, {"a": value})
 
 
+def changing(scene: Cluster, kind: str, name: str, value: str = "2") -> Change:
+    """``change`` for later: the negative check makes it at a moment of its choosing."""
+
+    async def make() -> None:
+        await change(scene, kind, name, value)
+
+    return make
+
+
 async def start(scene: Cluster, name: str = "web") -> None:
     await scene.start_controller()
     await scene.wait_recorded(name)
@@ -45,10 +58,12 @@ async def test_typed_auto_reacts_to_its_kind_only(scene: Cluster) -> None:
     await scene.create_workload(deployment("web", annotations=annotations, containers=containers))
     await start(scene)
 
-    await change(scene, "Secret", "sec")
-    await scene.assert_replica_sets_stay("web", 1)
-    await change(scene, "ConfigMap", "cfg")
-    await scene.assert_replica_sets_stay("web", 2)
+    await scene.assert_not_restarted_then_restarts(
+        "web",
+        wrong=changing(scene, "Secret", "sec"),
+        right=changing(scene, "ConfigMap", "cfg"),
+        source=("ConfigMap", "cfg"),
+    )
 
 
 async def test_secret_typed_auto(scene: Cluster) -> None:
@@ -59,9 +74,12 @@ async def test_secret_typed_auto(scene: Cluster) -> None:
     await scene.create_workload(deployment("web", annotations=annotations, containers=containers))
     await start(scene)
 
-    await change(scene, "ConfigMap", "cfg")
-    await change(scene, "Secret", "sec")
-    await scene.assert_replica_sets_stay("web", 2)
+    await scene.assert_not_restarted_then_restarts(
+        "web",
+        wrong=changing(scene, "ConfigMap", "cfg"),
+        right=changing(scene, "Secret", "sec"),
+        source=("Secret", "sec"),
+    )
 
 
 async def test_named_list_reloads_on_a_config_the_spec_does_not_reference(scene: Cluster) -> None:
@@ -73,9 +91,12 @@ async def test_named_list_reloads_on_a_config_the_spec_does_not_reference(scene:
     )
     await start(scene)
 
-    await change(scene, "ConfigMap", "used")  # referenced but not named, no auto
-    await change(scene, "ConfigMap", "elsewhere")
-    await scene.assert_replica_sets_stay("web", 2)
+    await scene.assert_not_restarted_then_restarts(
+        "web",
+        wrong=changing(scene, "ConfigMap", "used"),  # referenced but not named, no auto
+        right=changing(scene, "ConfigMap", "elsewhere"),
+        source=("ConfigMap", "elsewhere"),
+    )
 
 
 async def test_named_list_items_are_anchored_regular_expressions(scene: Cluster) -> None:
@@ -85,9 +106,12 @@ async def test_named_list_items_are_anchored_regular_expressions(scene: Cluster)
     await scene.create_workload(deployment("web", annotations=annotations))
     await start(scene)
 
-    await change(scene, "Secret", "x-db-main")  # matches only unanchored
-    await change(scene, "Secret", "db-main")
-    await scene.assert_replica_sets_stay("web", 2)
+    await scene.assert_not_restarted_then_restarts(
+        "web",
+        wrong=changing(scene, "Secret", "x-db-main"),  # matches only unanchored
+        right=changing(scene, "Secret", "db-main"),
+        source=("Secret", "db-main"),
+    )
 
 
 async def test_named_regex_picks_up_a_config_created_later(scene: Cluster) -> None:
@@ -96,11 +120,16 @@ async def test_named_regex_picks_up_a_config_created_later(scene: Cluster) -> No
     await scene.create_workload(deployment("web", annotations=annotations))
     await scene.start_controller()  # nothing matches yet: nothing to record
 
-    await scene.create_configmap("feature-x", {"a": "1"})
-    await scene.wait_recorded("web")  # appeared: recorded, not a change
-    await scene.assert_replica_sets_stay("web", 1)
-    await change(scene, "ConfigMap", "feature-x")
-    await scene.assert_replica_sets_stay("web", 2)
+    async def appear() -> None:
+        await scene.create_configmap("feature-x", {"a": "1"})
+        await scene.wait_recorded("web")  # appeared: recorded, not a change
+
+    await scene.assert_not_restarted_then_restarts(
+        "web",
+        wrong=appear,
+        right=changing(scene, "ConfigMap", "feature-x"),
+        source=("ConfigMap", "feature-x"),
+    )
 
 
 async def test_search_reacts_only_to_configs_marked_match(scene: Cluster) -> None:
@@ -113,9 +142,12 @@ async def test_search_reacts_only_to_configs_marked_match(scene: Cluster) -> Non
     await scene.create_workload(deployment("web", annotations=annotations, containers=containers))
     await start(scene)
 
-    await change(scene, "ConfigMap", "plain")
-    await change(scene, "ConfigMap", "marked")
-    await scene.assert_replica_sets_stay("web", 2)
+    await scene.assert_not_restarted_then_restarts(
+        "web",
+        wrong=changing(scene, "ConfigMap", "plain"),
+        right=changing(scene, "ConfigMap", "marked"),
+        source=("ConfigMap", "marked"),
+    )
 
 
 async def test_exclude_list_beats_auto(scene: Cluster) -> None:
@@ -129,9 +161,12 @@ async def test_exclude_list_beats_auto(scene: Cluster) -> None:
     await scene.create_workload(deployment("web", annotations=annotations, containers=containers))
     await start(scene)
 
-    await change(scene, "ConfigMap", "skip")
-    await change(scene, "ConfigMap", "keep")
-    await scene.assert_replica_sets_stay("web", 2)
+    await scene.assert_not_restarted_then_restarts(
+        "web",
+        wrong=changing(scene, "ConfigMap", "skip"),
+        right=changing(scene, "ConfigMap", "keep"),
+        source=("ConfigMap", "keep"),
+    )
 
 
 async def test_secret_exclude_list(scene: Cluster) -> None:
@@ -145,9 +180,12 @@ async def test_secret_exclude_list(scene: Cluster) -> None:
     await scene.create_workload(deployment("web", annotations=annotations, containers=containers))
     await start(scene)
 
-    await change(scene, "Secret", "skip")
-    await change(scene, "Secret", "keep")
-    await scene.assert_replica_sets_stay("web", 2)
+    await scene.assert_not_restarted_then_restarts(
+        "web",
+        wrong=changing(scene, "Secret", "skip"),
+        right=changing(scene, "Secret", "keep"),
+        source=("Secret", "keep"),
+    )
 
 
 async def test_ignore_on_the_config_wins(scene: Cluster) -> None:
@@ -160,9 +198,12 @@ async def test_ignore_on_the_config_wins(scene: Cluster) -> None:
     await scene.create_workload(deployment("web", annotations=annotations, containers=containers))
     await start(scene)
 
-    await change(scene, "ConfigMap", "quiet")
-    await change(scene, "ConfigMap", "loud")
-    await scene.assert_replica_sets_stay("web", 2)
+    await scene.assert_not_restarted_then_restarts(
+        "web",
+        wrong=changing(scene, "ConfigMap", "quiet"),
+        right=changing(scene, "ConfigMap", "loud"),
+        source=("ConfigMap", "loud"),
+    )
 
 
 async def test_auto_on_the_pod_template(scene: Cluster) -> None:
@@ -207,11 +248,20 @@ async def test_template_is_not_read_when_metadata_has_the_kind_s_annotation(
     )
     await start(scene)
 
-    await change(scene, "ConfigMap", "cfg")  # template auto is shadowed
-    await change(scene, "ConfigMap", "named")
-    await scene.assert_replica_sets_stay("web", 2)
+    await scene.assert_not_restarted_then_restarts(
+        "web",
+        wrong=changing(scene, "ConfigMap", "cfg"),  # template auto is shadowed
+        right=changing(scene, "ConfigMap", "named"),
+        source=("ConfigMap", "named"),
+    )
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="39d2f05 reads exclude lists from metadata and pod template together; Stakater reads "
+    "the template only when metadata has no named/search/auto key, fixed by issue-9 work in "
+    "progress",
+)
 async def test_exclude_on_the_pod_template_is_not_read(scene: Cluster) -> None:
     await scene.create_configmap("cfg", {"a": "1"})
     await scene.create_workload(
@@ -226,6 +276,7 @@ async def test_exclude_on_the_pod_template_is_not_read(scene: Cluster) -> None:
 
     await change(scene, "ConfigMap", "cfg")
     await scene.assert_replica_sets_stay("web", 2)
+    assert await scene.marker("Deployment", "web") is not None
 
 
 async def test_auto_false_opts_out(scene: Cluster) -> None:
@@ -239,7 +290,18 @@ async def test_auto_false_opts_out(scene: Cluster) -> None:
     )
     await scene.start_controller()
 
-    await change(scene, "ConfigMap", "cfg")
-    await scene.assert_replica_sets_stay("web", 1)
-    obj = await scene.get_deployment("web")
-    assert "reloader.stakater.com/config-digests" not in obj["metadata"].get("annotations", {})
+    async def opt_in_then_change() -> None:
+        obj = await scene.get_deployment("web")
+        assert RECORD_ANNOTATION not in obj["metadata"].get("annotations", {}), "opted out"
+        path = KINDS["Deployment"].resource.object_path(scene.namespace, "web")
+        opt_in = {"metadata": {"annotations": {"reloader.stakater.com/auto": "true"}}}
+        await scene.api.patch(path, opt_in, patch_type="merge")
+        await scene.wait_recorded("web")  # first sight: recorded, not restarted
+        await change(scene, "ConfigMap", "cfg", "3")
+
+    await scene.assert_not_restarted_then_restarts(
+        "web",
+        wrong=changing(scene, "ConfigMap", "cfg"),
+        right=opt_in_then_change,
+        source=("ConfigMap", "cfg"),
+    )

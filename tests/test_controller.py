@@ -1,7 +1,10 @@
 """End-to-end behaviour of the controller against a real API server and controller-manager.
 
 A restart is observed the way a user sees it: the Deployment controller creates a new ReplicaSet.
-"Exactly N" is checked after a quiet period, so a late duplicate restart fails the test.
+"Exactly N" is checked after a quiet period, so a late duplicate restart fails the test. A change
+that must not restart is made alone and judged after a quiet period; then a change that must
+restart shows the controller was alive (``Cluster.assert_not_restarted_then_restarts``). What the
+controller wrote is read from the apiserver's audit log, not from the controller's own counters.
 """
 
 from __future__ import annotations
@@ -11,11 +14,30 @@ from typing import Any
 import pytest
 
 from reloader.digests import decode_record
-from reloader.model import LAST_RELOADED_FROM, RECORD_ANNOTATION
-from tests.scenario import Cluster, container, deployment, env_from, wait_for, writes
+from reloader.model import KINDS, LAST_RELOADED_FROM, RECORD_ANNOTATION
+from tests.conftest import TestCluster
+from tests.scenario import (
+    Change,
+    Cluster,
+    audited_writes,
+    container,
+    deployment,
+    env_from,
+    wait_for,
+)
 
 pytestmark = pytest.mark.cluster
 AUTO = {"reloader.stakater.com/auto": "true"}
+CFG = ("ConfigMap", "cfg")
+
+
+def patching(scene: Cluster, name: str, patch: dict[str, Any]) -> Change:
+    """A merge patch of ConfigMap ``name``, for later."""
+
+    async def make() -> None:
+        await scene.patch_configmap(name, patch)
+
+    return make
 
 
 async def test_configmap_change_rolls_the_deployment_once(scene: Cluster) -> None:
@@ -50,25 +72,46 @@ async def test_label_only_update_does_not_restart(scene: Cluster) -> None:
     await scene.start_controller()
     await scene.wait_recorded("web")
 
-    await scene.patch_configmap("cfg", {"metadata": {"labels": {"team": "x"}}})
+    await scene.assert_not_restarted_then_restarts(
+        "web",
+        wrong=patching(scene, "cfg", {"metadata": {"labels": {"team": "x"}}}),
+        right=patching(scene, "cfg", {"data": {"a": "2"}}),
+        source=CFG,
+    )
 
-    await scene.assert_replica_sets_stay("web", 1)
 
-
-async def test_controller_restart_writes_nothing_when_nothing_changed(scene: Cluster) -> None:
+async def test_controller_restart_writes_nothing_when_nothing_changed(
+    scene: Cluster, cluster: TestCluster
+) -> None:
+    """The restarted controller runs as a user of its own whose every request the apiserver's
+    audit log records (local control plane; elsewhere only the objects are compared): after
+    syncing an unchanged cluster it has written nothing at all, and its first write is the
+    restart a change then calls for, which also shows the log would have caught a write."""
     await scene.create_configmap("cfg", {"a": "1"})
     await scene.create_workload(
         deployment("web", annotations=AUTO, containers=[container(**env_from("ConfigMap", "cfg"))])
     )
     await scene.start_controller()
-    before = (await scene.wait_recorded("web"))["metadata"]["annotations"]
-    await scene.stop_controllers()
+    before = (await scene.wait_recorded("web"))["metadata"]["annotations"][RECORD_ANNOTATION]
+    plane, user = cluster.plane, f"reloader-{scene.namespace}"
+    api = await scene.audited_api(plane, user) if plane is not None else scene.api
 
-    second = await scene.start_controller()
-    await scene.assert_replica_sets_stay("web", 1)
+    async def restart_controller() -> None:
+        await scene.stop_controllers()
+        await scene.start_controller(api=api)
 
-    assert writes(second) == 0, "the restarted controller wrote to an unchanged workload"
-    assert (await scene.get_deployment("web"))["metadata"]["annotations"] == before
+    async def then_change() -> None:
+        obj = await scene.get_deployment("web")
+        assert obj["metadata"]["annotations"][RECORD_ANNOTATION] == before, "re-recorded"
+        if plane is not None:
+            assert audited_writes(plane, user) == [], "the restarted controller wrote"
+        await scene.patch_configmap("cfg", {"data": {"a": "2"}})
+
+    await scene.assert_not_restarted_then_restarts(
+        "web", wrong=restart_controller, right=then_change, source=CFG
+    )
+    if plane is not None:
+        assert "patch deployments/web" in audited_writes(plane, user)
 
 
 async def test_change_while_controller_down_rolls_exactly_once_after_start(scene: Cluster) -> None:
@@ -243,9 +286,12 @@ async def test_change_to_an_unused_key_does_not_restart(scene: Cluster) -> None:
     await scene.start_controller()
     await scene.wait_recorded("web")
 
-    await scene.patch_configmap("cfg", {"data": {"unused": "2"}})
-
-    await scene.assert_replica_sets_stay("web", 1)
+    await scene.assert_not_restarted_then_restarts(
+        "web",
+        wrong=patching(scene, "cfg", {"data": {"unused": "2"}}),
+        right=patching(scene, "cfg", {"data": {"used": "2"}}),
+        source=CFG,
+    )
 
 
 async def test_optional_reference_created_later_is_picked_up(scene: Cluster) -> None:
@@ -255,11 +301,15 @@ async def test_optional_reference_created_later_is_picked_up(scene: Cluster) -> 
     await scene.start_controller()
     await scene.wait_recorded("web")
 
-    await scene.create_configmap("late", {"a": "1"})
-    await scene.assert_replica_sets_stay("web", 1)
-    await scene.patch_configmap("late", {"data": {"a": "2"}})
+    async def create() -> None:
+        await scene.create_configmap("late", {"a": "1"})
 
-    await scene.assert_replica_sets_stay("web", 2)
+    await scene.assert_not_restarted_then_restarts(
+        "web",
+        wrong=create,
+        right=patching(scene, "late", {"data": {"a": "2"}}),
+        source=("ConfigMap", "late"),
+    )
 
 
 async def test_deleted_config_does_not_restart_by_default(scene: Cluster) -> None:
@@ -270,9 +320,15 @@ async def test_deleted_config_does_not_restart_by_default(scene: Cluster) -> Non
     await scene.start_controller()
     await scene.wait_recorded("web")
 
-    await scene.delete_configmap("cfg")
+    async def delete() -> None:
+        await scene.delete_configmap("cfg")
 
-    await scene.assert_replica_sets_stay("web", 1)
+    async def recreate_changed() -> None:  # the record kept its entry: new content restarts
+        await scene.create_configmap("cfg", {"a": "2"})
+
+    await scene.assert_not_restarted_then_restarts(
+        "web", wrong=delete, right=recreate_changed, source=CFG
+    )
 
 
 async def test_deleted_config_restarts_with_reload_on_delete(scene: Cluster) -> None:
@@ -301,8 +357,19 @@ async def test_invalid_annotation_is_reported_and_ignored(scene: Cluster) -> Non
     events = await wait_for(lambda: scene.events("InvalidAnnotation"), message="a Warning Event")
 
     assert "yes please" in events[0]["message"] and events[0]["type"] == "Warning"
-    await scene.patch_configmap("cfg", {"data": {"a": "2"}})
-    await scene.assert_replica_sets_stay("web", 1)
+
+    async def fix_then_change() -> None:
+        path = KINDS["Deployment"].resource.object_path(scene.namespace, "web")
+        await scene.api.patch(path, {"metadata": {"annotations": AUTO}}, patch_type="merge")
+        await scene.wait_recorded("web")  # valid now: first sight, recorded
+        await scene.patch_configmap("cfg", {"data": {"a": "3"}})
+
+    await scene.assert_not_restarted_then_restarts(
+        "web",
+        wrong=patching(scene, "cfg", {"data": {"a": "2"}}),
+        right=fix_then_change,
+        source=CFG,
+    )
 
 
 async def test_key_rotation_re_records_without_restarting(scene: Cluster) -> None:
@@ -317,14 +384,15 @@ async def test_key_rotation_re_records_without_restarting(scene: Cluster) -> Non
     )
     await scene.stop_controllers()
 
-    await scene.start_controller(digest_key=b"the-new-digest-key-9876543210")
-
     async def re_recorded() -> bool:
         obj = await scene.get_deployment("web")
         record = decode_record(obj["metadata"]["annotations"][RECORD_ANNOTATION])
         return record is not None and old is not None and record.key_id != old.key_id
 
-    await wait_for(re_recorded, message="the record re-made under the new key")
-    await scene.assert_replica_sets_stay("web", 1)
-    await scene.patch_configmap("cfg", {"data": {"a": "2"}})
-    await scene.assert_replica_sets_stay("web", 2)
+    async def rotate() -> None:
+        await scene.start_controller(digest_key=b"the-new-digest-key-9876543210")
+        await wait_for(re_recorded, message="the record re-made under the new key")
+
+    await scene.assert_not_restarted_then_restarts(
+        "web", wrong=rotate, right=patching(scene, "cfg", {"data": {"a": "2"}}), source=CFG
+    )

@@ -109,11 +109,15 @@ async def test_deleted_then_recreated_with_new_content_restarts_once(scene: Clus
     await scene.start_controller()
     await scene.wait_recorded("web")
 
-    await scene.delete_configmap("cfg")
-    await scene.assert_replica_sets_stay("web", 1)
-    await scene.create_configmap("cfg", {"a": "2"})
+    async def delete() -> None:
+        await scene.delete_configmap("cfg")
 
-    await scene.assert_replica_sets_stay("web", 2)
+    async def recreate_changed() -> None:
+        await scene.create_configmap("cfg", {"a": "2"})
+
+    await scene.assert_not_restarted_then_restarts(
+        "web", wrong=delete, right=recreate_changed, source=("ConfigMap", "cfg")
+    )
 
 
 async def test_many_watched_namespaces_do_not_starve_writes(scene: Cluster) -> None:

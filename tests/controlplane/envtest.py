@@ -47,6 +47,17 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 BUILD_SCRIPT = Path(__file__).with_name("build.sh")
 START_TIMEOUT = float(os.environ.get("RELOADER_TESTENV_START_TIMEOUT", "90"))
 CONTROLLERS = "deployment,replicaset,statefulset,daemonset,job,cronjob,garbagecollector,namespace"
+AUDITED_GROUP = "reloader-test:audited"
+"""Requests of users in this group are written to the audit log; nobody else's are."""
+AUDIT_POLICY = f"""\
+apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: ["RequestReceived"]
+rules:
+  - level: Metadata
+    userGroups: ["{AUDITED_GROUP}"]
+  - level: None
+"""
 
 
 def binary_dir() -> Path:
@@ -215,6 +226,10 @@ class ControlPlane:
     work_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="reloader-cp-")))
     controller_manager: bool = True
     extra_apiserver_args: Sequence[str] = ()
+    audit: bool = True
+    """Write an audit log of ``AUDITED_GROUP``'s requests (``audit_events``). It costs nothing
+    for other users, so it is on by default; it is left out when ``extra_apiserver_args`` bring
+    an audit policy of their own."""
 
     def __post_init__(self) -> None:
         self.etcd_port, self.etcd_peer_port = free_port(), free_port()
@@ -264,6 +279,48 @@ class ControlPlane:
             },
         )
 
+    def audited_kubeconfig(self, user: str) -> dict[str, Any]:
+        """A cluster-admin kubeconfig for ``user`` whose every request is in the audit log."""
+        return self.user_kubeconfig(user, groups=["system:masters", AUDITED_GROUP])
+
+    @property
+    def audit_log(self) -> Path:
+        return self._path("audit.log")
+
+    def audit_events(self, user: str) -> list[dict[str, Any]]:
+        """The audit events of ``user``'s completed requests, oldest first.
+
+        The apiserver writes an event before it answers (the log backend's default blocking
+        mode), so a request this process saw answered is already in the file.
+        """
+        if not self.audit:
+            raise ControlPlaneError("this control plane was started without an audit log")
+        if not self.audit_log.exists():
+            return []
+        events = []
+        for line in self.audit_log.read_text().splitlines():
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:  # the last line, still being written
+                continue
+            if event.get("user", {}).get("username") == user:
+                events.append(event)
+        return events
+
+    def _audit_args(self) -> list[str]:
+        if not self.audit or any(
+            a.startswith("--audit-policy-file") for a in self.extra_apiserver_args
+        ):
+            return []
+        policy = self._path("audit-policy.yaml")
+        policy.write_text(AUDIT_POLICY)
+        return [
+            f"--audit-policy-file={policy}",
+            f"--audit-log-path={self.audit_log}",
+            "--audit-log-format=json",
+            "--audit-log-maxsize=0",
+        ]
+
     def token_kubeconfig(self, token: str) -> dict[str, Any]:
         """A kubeconfig authenticating with a bearer token (a ServiceAccount's TokenRequest)."""
         return kubeconfig_dict(self.url, ca_pem=self.ca.cert_pem, user={"token": token})
@@ -305,6 +362,7 @@ class ControlPlane:
             f"--service-account-key-file={self._path('sa.pub')}",
             f"--service-account-signing-key-file={self._path('sa.key')}",
             "--v=0",
+            *self._audit_args(),
             *self.extra_apiserver_args,
         ]
         return _Process("kube-apiserver", argv, self._path("kube-apiserver.log"))
