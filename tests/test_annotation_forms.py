@@ -256,12 +256,6 @@ async def test_template_is_not_read_when_metadata_has_the_kind_s_annotation(
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="39d2f05 reads exclude lists from metadata and pod template together; Stakater reads "
-    "the template only when metadata has no named/search/auto key, fixed by issue-9 work in "
-    "progress",
-)
 async def test_exclude_on_the_pod_template_is_not_read(scene: Cluster) -> None:
     await scene.create_configmap("cfg", {"a": "1"})
     await scene.create_workload(
@@ -277,6 +271,29 @@ async def test_exclude_on_the_pod_template_is_not_read(scene: Cluster) -> None:
     await change(scene, "ConfigMap", "cfg")
     await scene.assert_replica_sets_stay("web", 2)
     assert await scene.marker("Deployment", "web") is not None
+
+
+async def test_exclude_on_the_pod_template_applies_with_auto_there(scene: Cluster) -> None:
+    """Stakater's e2e case: ``auto`` and the exclude list both on the template (none on
+    metadata), so the template is the source of both."""
+    await scene.create_configmap("keep", {"a": "1"})
+    await scene.create_configmap("skip", {"a": "1"})
+    template = {
+        "reloader.stakater.com/auto": "true",
+        "configmaps.exclude.reloader.stakater.com/reload": "skip",
+    }
+    containers = uses(("ConfigMap", "keep"), ("ConfigMap", "skip"))
+    await scene.create_workload(
+        deployment("web", template_annotations=template, containers=containers)
+    )
+    await start(scene)
+
+    await scene.assert_not_restarted_then_restarts(
+        "web",
+        wrong=changing(scene, "ConfigMap", "skip"),
+        right=changing(scene, "ConfigMap", "keep"),
+        source=("ConfigMap", "keep"),
+    )
 
 
 async def test_auto_false_opts_out(scene: Cluster) -> None:

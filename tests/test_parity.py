@@ -110,6 +110,13 @@ async def test_cronjob_change_creates_one_job_now(scene: Cluster) -> None:
     await asyncio.sleep(1.5)
     assert len(await scene.jobs()) == 1, "a controller restart must not run the job again"
 
+    await change_cfg(scene, "3")  # the restarted controller is alive: a new change runs one more
+
+    async def two_jobs() -> bool:
+        return len(await scene.jobs()) == 2
+
+    await wait_for(two_jobs, message="a second Job after the next change")
+
 
 async def test_flapping_config_runs_a_cronjob_at_most_once_per_interval(scene: Cluster) -> None:
     """The minimum interval applies to kinds whose restart leaves no marker on the object."""
