@@ -469,7 +469,13 @@ async def run(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    settings = load_settings_or_exit(sys.argv[1:] if argv is None else argv)
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["explain"]:
+        # Imported here: explain builds on this module (the key Secret's field), not the reverse.
+        from reloader.explain import main as explain
+
+        raise SystemExit(explain(args[1:]))
+    settings = load_settings_or_exit(args)
     logs.configure(level=settings.log_level, fmt=settings.log_format)
     if settings.namespace_selector and not settings.cluster_wide:
         log.warning("--namespace-selector applies only when watching all namespaces; ignored")
