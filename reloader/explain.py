@@ -78,6 +78,8 @@ KIND_NAMES: dict[str, WorkloadKindName] = {
 }
 """Every spelling of a workload kind accepted on the command line, lower-case (as kubectl's)."""
 _PAGE = "500"
+_GO_TRUE = frozenset({"1", "t", "T", "TRUE", "true", "True"})
+"""What Go's ``strconv.ParseBool`` reads as true: which auto key enabled a kind, for display."""
 
 Via = Literal["env", "envFrom", "volume", "projected"]
 Status = Literal["watched", "excluded", "ignored", "not-selected", "not-wanted"]
@@ -426,7 +428,7 @@ def _why_wanted(rules: KindRules, policy: KindPolicy, name: str, names: Annotati
     if policy.auto_reload_all:
         return "--auto-reload-all (no auto annotation on the workload)"
     for key in (names.auto, typed_auto):
-        if policy.annotations.get(key, "").lower() in ("true", "t", "1"):
+        if policy.annotations.get(key) in _GO_TRUE:
             return f"{key}={policy.annotations[key]!r} (on the {policy.source})"
     return f"{names.search}=true (on the {policy.source}) and the {policy.kind} has {names.match}"
 
@@ -450,39 +452,50 @@ def _why_not_wanted(
     return "; ".join(why) or "not wanted by the workload's annotations"
 
 
-def _status(
-    kind: ConfigKind,
-    name: str,
-    *,
-    facts: Facts,
-    settings: Settings,
-    snapshot: WorkloadSnapshot,
-    policy: KindPolicy,
-    dep: Dependency | None,
-    referenced: bool,
-) -> tuple[Status, str]:
+@dataclass(frozen=True, slots=True)
+class _Computed:
+    """What ``explain`` computed once with the controller's functions; each config's line reads
+    it."""
+
+    facts: Facts
+    settings: Settings
+    names: AnnotationNames
+    snapshot: WorkloadSnapshot
+    deps: Mapping[str, Dependency]
+    decision: Decision | None
+    policies: Mapping[ConfigKind, KindPolicy]
+    uses: tuple[Use, ...]
+
+    @property
+    def comparable(self) -> bool:
+        """Whether the record on the workload can be compared with digests under our key."""
+        recorded, key = self.snapshot.recorded, self.facts.key
+        if self.decision is None or recorded is None or key is None:
+            return False
+        return recorded.usable and recorded.key_id == key.key_id
+
+
+def _status(c: _Computed, kind: ConfigKind, name: str, *, referenced: bool) -> tuple[Status, str]:
     """The first reason, in the controller's order, why a config does or does not count."""
-    names = settings.annotation_names()
-    config = facts.configs[kind].get(name)
-    _, _, exclude_key = _kind_keys(kind, names)
-    rules = snapshot.policy.rules(kind)
-    if not settings.watches_config(kind):
+    config, dep = c.facts.configs[kind].get(name), c.deps.get(config_id(kind, name))
+    rules, policy = c.snapshot.policy.rules(kind), c.policies[kind]
+    if not c.settings.watches_config(kind):
         return "ignored", f"--resources-to-ignore={kind.lower()}s: {kind}s are not watched"
-    if config is not None and facts.selected is not None and name not in facts.selected[kind]:
-        selector = settings.config_label_selector
+    if config is not None and c.facts.selected is not None and name not in c.facts.selected[kind]:
+        selector = c.settings.config_label_selector
         return "not-selected", f"does not match --resource-label-selector ({selector})"
     if config is not None and config.ignore:
-        return "ignored", f'the {kind} carries {names.ignore}="true"'
+        return "ignored", f'the {kind} carries {c.names.ignore}="true"'
     if name in rules.excluded:
-        return "excluded", f"listed in {exclude_key}"
+        return "excluded", f"listed in {_kind_keys(kind, c.names)[2]}"
     if dep is not None:
-        why = _why_wanted(rules, policy, name, names)
-        if dep.digest is None and not settings.reload_on_create:
+        why = _why_wanted(rules, policy, name, c.names)
+        if dep.digest is None and not c.settings.reload_on_create:
             why += "; missing now: its creation restarts only with --reload-on-create"
         return "watched", why
     match = config.match if config is not None else False
     return "not-wanted", _why_not_wanted(
-        rules, policy, match=match, referenced=referenced, names=names
+        rules, policy, match=match, referenced=referenced, names=c.names
     )
 
 
@@ -600,35 +613,40 @@ def explain(facts: Facts, settings: Settings) -> Explanation:
     key = facts.key or DigestKey.from_secret(DigestKey.generate_secret())
     snapshot = workload_snapshot(facts.target.kind, facts.workload, context=_context(settings, key))
     deps = dependencies(snapshot, _visible(facts, settings), key=key)
-    decision = _decision(snapshot, deps, key, settings) if facts.key is not None else None
     names = settings.annotation_names()
-    policies = {
-        kind: kind_policy(kind, facts, snapshot.policy.rules(kind), names, settings.auto_reload_all)
-        for kind in CONFIG_KINDS
-    }
     spec = pod_template(facts.workload, facts.target.kind).get("spec")
-    uses = reference_uses(spec if isinstance(spec, Mapping) else {})
-    configs = tuple(
-        _verdict(kind, name, facts, settings, snapshot, policies[kind], deps, uses, decision)
-        for kind, name in _candidates(uses, deps, snapshot)
+    c = _Computed(
+        facts=facts,
+        settings=settings,
+        names=names,
+        snapshot=snapshot,
+        deps=deps,
+        decision=_decision(snapshot, deps, key, settings) if facts.key is not None else None,
+        policies={
+            kind: kind_policy(
+                kind, facts, snapshot.policy.rules(kind), names, settings.auto_reload_all
+            )
+            for kind in CONFIG_KINDS
+        },
+        uses=reference_uses(spec if isinstance(spec, Mapping) else {}),
     )
+    configs = tuple(_verdict(c, kind, name) for kind, name in _candidates(c.uses, deps, snapshot))
     reasons = _scope_reasons(facts, settings)
-    if opt_out := _opt_in_reason(snapshot, list(policies.values()), settings):
+    if opt_out := _opt_in_reason(snapshot, list(c.policies.values()), settings):
         reasons.append(opt_out)
     elif dependency_gap := _dependency_reason(deps, bool(configs), settings.reload_on_create):
         reasons.append(dependency_gap)
-    will_reload = not reasons
-    now, now_reason = _reload_now(decision, will_reload, facts.key_note)
+    now, now_reason = _reload_now(c.decision, not reasons, facts.key_note)
     return Explanation(
         target=facts.target,
-        will_reload=will_reload,
+        will_reload=not reasons,
         reasons=tuple(reasons),
         reload_now=now,
         reload_now_reason=now_reason,
         key_id=facts.key.key_id if facts.key else None,
         key_note=facts.key_note,
         record=_record_text(snapshot, facts.key),
-        policies=tuple(policies.values()),
+        policies=tuple(c.policies.values()),
         configs=configs,
         problems=tuple(
             {"annotation": p.annotation, "value": p.value, "reason": p.reason}
@@ -640,43 +658,22 @@ def explain(facts: Facts, settings: Settings) -> Explanation:
     )
 
 
-def _verdict(
-    kind: ConfigKind,
-    name: str,
-    facts: Facts,
-    settings: Settings,
-    snapshot: WorkloadSnapshot,
-    policy: KindPolicy,
-    deps: Mapping[str, Dependency],
-    uses: Sequence[Use],
-    decision: Decision | None,
-) -> ConfigVerdict:
+def _verdict(c: _Computed, kind: ConfigKind, name: str) -> ConfigVerdict:
     ident = config_id(kind, name)
-    dep = deps.get(ident)
-    mine = tuple(use for use in uses if (use.kind, use.name) == (kind, name))
-    status, reason = _status(
-        kind,
-        name,
-        facts=facts,
-        settings=settings,
-        snapshot=snapshot,
-        policy=policy,
-        dep=dep,
-        referenced=bool(mine),
-    )
-    recorded = snapshot.recorded
-    comparable = decision is not None and recorded is not None and recorded.usable
-    comparable = comparable and facts.key is not None and recorded.key_id == facts.key.key_id  # type: ignore[union-attr]
+    dep = c.deps.get(ident)
+    mine = tuple(use for use in c.uses if (use.kind, use.name) == (kind, name))
+    status, reason = _status(c, kind, name, referenced=bool(mine))
+    recorded = c.snapshot.recorded.as_dict() if c.snapshot.recorded and c.comparable else {}
     return ConfigVerdict(
         kind=kind,
         name=name,
-        exists=name in facts.configs[kind],
+        exists=name in c.facts.configs[kind],
         status=status,
         reason=reason,
         uses=mine,
-        recorded=recorded.as_dict().get(ident) if comparable and recorded else None,
-        current=dep.digest if dep is not None and facts.key is not None else None,
-        changed=decision is not None and ident in decision.triggers,
+        recorded=recorded.get(ident),
+        current=dep.digest if dep is not None and c.facts.key is not None else None,
+        changed=c.decision is not None and ident in c.decision.triggers,
     )
 
 

@@ -237,6 +237,14 @@ NOT_RELOADING = [
     pytest.param(
         {"annotations": AUTO},
         {},
+        {"namespace_selector": ["team=a"]},
+        "does not match --namespace-selector (team=a)",
+        ("watched", "reloader.stakater.com/auto='true'"),
+        id="namespace-not-selected",
+    ),
+    pytest.param(
+        {"annotations": AUTO},
+        {},
         {"resources_to_ignore": ["secrets"]},
         "none of the configs",
         ("ignored", "--resources-to-ignore=secrets"),
