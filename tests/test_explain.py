@@ -29,11 +29,20 @@ from reloader.explain import (
     reference_uses,
     to_json,
 )
+from reloader.kube import connect_with_dict
 from reloader.model import KINDS, SECRETS
 from reloader.references import find_references
 from reloader.settings import Settings
 from tests.conftest import TestCluster
-from tests.scenario import TEST_KEY, Cluster, container, deployment, wait_for, workload
+from tests.scenario import (
+    TEST_KEY,
+    Cluster,
+    container,
+    deployment,
+    wait_for,
+    with_token,
+    workload,
+)
 
 SECRET_VALUE = "s3cr3t-value-never-printed-5b1e"
 AUTO = {"reloader.stakater.com/auto": "true"}
@@ -399,6 +408,61 @@ async def test_the_digest_key_is_read_from_the_controllers_secret(scene: Cluster
     assert (missing.key_id, missing.reload_now, missing.will_reload) == (None, None, True)
     assert "cannot read the digest key Secret nowhere/reloader-hash-key" in missing.key_note
     assert _config(missing, "Secret", "db").status == "watched"
+
+
+READ_ONLY_RULES = [
+    {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["get"]},
+    {"apiGroups": [""], "resources": ["configmaps", "secrets", "events"], "verbs": ["list"]},
+    {
+        "apiGroups": [""],
+        "resources": ["secrets"],
+        "verbs": ["get"],
+        "resourceNames": ["reloader-hash-key"],
+    },
+]
+"""What docs/troubleshooting.md says ``explain`` needs for a Deployment: reads only."""
+
+
+@pytest.mark.cluster
+async def test_read_access_is_enough(cluster: TestCluster, scene: Cluster) -> None:
+    """1. A ServiceAccount whose Role grants only ``READ_ONLY_RULES`` in the namespace, which is
+       also the controller's (the key Secret is there).
+    2. Explain a Deployment as that account.
+    Result: the full answer (the key read, the configs listed, Events listed: no notes)."""
+    ns = scene.namespace
+    encoded = base64.b64encode(TEST_KEY).decode()
+    key_secret = {"metadata": {"name": "reloader-hash-key"}, "data": {"key": encoded}}
+    await scene.api.create(SECRETS.collection_path(ns), key_secret)
+    await scene.create_secret("db", {"p": SECRET_VALUE})
+    await scene.create_workload(deployment("web", annotations=AUTO, containers=[ENV_DB]))
+    rbac = f"/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}"
+    await scene.api.create(f"/api/v1/namespaces/{ns}/serviceaccounts", {"metadata": {"name": "ro"}})
+    await scene.api.create(f"{rbac}/roles", {"metadata": {"name": "ro"}, "rules": READ_ONLY_RULES})
+    binding = {
+        "metadata": {"name": "ro"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "ro"},
+        "subjects": [{"kind": "ServiceAccount", "name": "ro", "namespace": ns}],
+    }
+    await scene.api.create(f"{rbac}/rolebindings", binding)
+    request = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": {}}
+    answer = dict(
+        await scene.api.create(f"/api/v1/namespaces/{ns}/serviceaccounts/ro/token", request)
+    )
+    api = await connect_with_dict(with_token(cluster.kubeconfig, answer["status"]["token"]))
+    scene.apis.append(api)
+    target = Target(KINDS["Deployment"], ns, "web")
+
+    async def answered() -> Explanation | None:
+        try:
+            found = await explain_workload(api, target, Settings(controller_namespace=ns))
+        except ExplainError:
+            return None  # the authorizer lags the RBAC objects briefly
+        return found if found.key_id is not None and not found.notes else None
+
+    found = await wait_for(answered, timeout=15, message="explain as a read-only account")
+    assert found.will_reload
+    assert found.key_id == DigestKey.from_secret(TEST_KEY).key_id
+    assert _config(found, "Secret", "db").status == "watched"
 
 
 # --- the real command ----------------------------------------------------------------------------
