@@ -45,6 +45,7 @@ from reloader.model import (
     WorkloadKey,
     WorkloadKind,
 )
+from reloader.notify import AlertConfig, Notifier, sink_of
 from reloader.queue import TokenBucket, WorkQueue
 from reloader.restart import Restarter, RestartPolicy, run_worker
 from reloader.settings import Settings, load_settings_or_exit
@@ -191,6 +192,7 @@ class Controller:
             if settings.watches_workload(kind)
         }
         self.namespaces = self._namespace_informer()
+        self.notifier = build_notifier(settings, self.metrics)
         self.restarter = Restarter(
             api=api,
             workloads=self.workloads,
@@ -213,6 +215,7 @@ class Controller:
             metrics=self.metrics,
             changed_since=self._changed_since.get,
             in_scope=self._namespace_selected,
+            notifier=self.notifier,
         )
         self.metrics.attach(
             Sources(
@@ -346,6 +349,8 @@ class Controller:
                 }
                 watches = list(self._watches.values())
                 workers = group.create_task(self._work_when_synced())
+                notifier = self.notifier
+                senders = group.create_task(notifier.run()) if notifier is not None else None
                 await stop.wait()
                 log.info("stopping: finishing in-flight work")
                 # Drain only once workers run; before that nobody would take the queued keys, and
@@ -354,6 +359,11 @@ class Controller:
                 if not self._working:
                     workers.cancel()
                 await asyncio.gather(workers, return_exceptions=True)
+                if notifier is not None and senders is not None:
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(self.settings.notify_timeout_seconds):
+                            await notifier.wait_flushed()  # queued alerts get one timeout
+                    senders.cancel()
                 for task in watches:
                     task.cancel()
         finally:
@@ -409,6 +419,38 @@ class Controller:
         for key in keys:
             log.info("re-creating a job a previous run deleted", extra={"job": str(key)})
             self.queue.add(key)
+
+
+def build_notifier(settings: Settings, metrics: Metrics) -> Notifier | None:
+    """Webhook mode and alerts as configured; None when neither is on.
+
+    Alerts on without a URL are a warning, not an exit: Stakater starts that way (and sends
+    nothing), and a drop-in replacement must not crash-loop on it. Nothing here logs a URL.
+    """
+    alerts = None
+    if settings.alert_on_reload and settings.alert_webhook_url is None:
+        log.warning("ALERT_ON_RELOAD is true but ALERT_WEBHOOK_URL is not set: no alerts are sent")
+    elif settings.alert_on_reload and settings.alert_webhook_url is not None:
+        proxy = settings.alert_webhook_proxy
+        alerts = AlertConfig(
+            url=settings.alert_webhook_url.get_secret_value(),
+            sink=sink_of(settings.alert_sink),
+            proxy=proxy.get_secret_value() if proxy is not None else None,
+            additional_info=settings.alert_additional_info,
+        )
+        log.info("alerts on reload", extra={"sink": alerts.sink})
+    webhook = settings.webhook_url.get_secret_value() if settings.webhook_url else None
+    if webhook is not None:
+        log.info("webhook mode: reloads are sent to the webhook instead of restarting workloads")
+    if webhook is None and alerts is None:
+        return None
+    return Notifier(
+        webhook_url=webhook,
+        alerts=alerts,
+        timeout=settings.notify_timeout_seconds,
+        webhook_slots=max(1, settings.workers - 1),
+        count=lambda target, result: metrics.notifications.labels(target, result).inc(),
+    )
 
 
 def release_freed_memory() -> None:

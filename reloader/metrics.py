@@ -143,6 +143,13 @@ class Metrics:
             "Restarts held back by the per-workload interval or the global restart rate.",
             registry=r,
         )
+        self.notifications = Counter(
+            "reloader_notifications",
+            "Webhook (--webhook-url) and alert POSTs, by target and result (sent, failed, "
+            "dropped: the alert queue was full). No label names a URL.",
+            ["target", "result"],
+            registry=r,
+        )
         self.retries = Counter("reloader_retries", "Writes retried through the queue.", registry=r)
         self.errors = Counter("reloader_errors", "Errors by type.", ["type"], registry=r)
         self.events_received = Counter(

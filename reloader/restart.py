@@ -53,6 +53,7 @@ from reloader.model import (
     WorkloadKey,
     WorkloadKindName,
 )
+from reloader.notify import Notifier, NotifyFailed, Reload, delivery_id
 from reloader.patches import (
     PENDING_JOB_LABEL,
     RECREATED_FROM_ANNOTATION,
@@ -106,6 +107,8 @@ more than that is worth a warning."""
 
 JOB_RECREATE_TIMEOUT = 30.0
 """How long to keep trying to create a Job again while the deleted one is still going away."""
+WEBHOOK_BUSY_RETRY = 1.0
+"""Seconds before a reload comes back when every webhook slot is taken (webhook mode)."""
 JobState = Literal["ours", "old", "deleting", "other", "absent", "unknown"]
 """The Job under a name being re-created, seen from the copy: ``_create_job`` acts on each."""
 
@@ -128,8 +131,10 @@ class Restarter:
         changed_since: Callable[[WorkloadKey], float | None],
         in_scope: Callable[[str], bool] = lambda namespace: True,
         clock: Callable[[], float] = time.time,
+        notifier: Notifier | None = None,
     ) -> None:
         self._api = api
+        self._notifier = notifier
         self._workloads = workloads
         self._configs = configs
         self._key = digest_key
@@ -203,6 +208,9 @@ class Restarter:
             if wait > 0:
                 self._metrics.restarts_deferred.inc()
                 return Outcome("deferred", requeue_after=wait)
+            if self._webhook_busy():
+                self._restart_turns.keep(key)  # its turn came: kept for when a slot is free
+                return Outcome("deferred", requeue_after=WEBHOOK_BUSY_RETRY)
         else:
             self._restart_turns.release(key)
             wait = self._record_turns.wait(key)
@@ -221,6 +229,12 @@ class Restarter:
                 self._restart_turns.release(key)  # not before the interval: no turn held meanwhile
                 return remaining
         return self._restart_turns.wait(key)
+
+    def _webhook_busy(self) -> bool:
+        """Webhook mode with every delivery slot taken by a slow endpoint: come back rather than
+        hold a worker that records and resumes of other workloads need."""
+        notifier = self._notifier
+        return notifier is not None and notifier.webhook_mode and notifier.webhook_saturated()
 
     # --- pause period (Deployments) -------------------------------------------------------------
 
@@ -285,6 +299,9 @@ class Restarter:
                 return Outcome(
                     "record", requeue_after=max(0.0, self._pause_remaining(workload) or 0)
                 )
+            if self._notifier is not None and self._notifier.webhook_mode:
+                await self._deliver(workload, decision)
+                return Outcome("webhook")
             await self._restart(workload, decision, deps)
         except RestartFailed as failure:
             if isinstance(failure.error, ApiNotFound):
@@ -302,6 +319,29 @@ class Restarter:
         remaining = workload.policy.pause_period if self._pauses(workload) else None
         remaining = remaining if remaining is not None else self._pause_remaining(workload)
         return Outcome("restart", requeue_after=max(0.0, remaining or 0.0))
+
+    async def _deliver(self, workload: WorkloadSnapshot, decision: Decision) -> None:
+        """Webhook mode: POST the reload instead of restarting, then record its digests.
+
+        At least once: the record is written only after the endpoint accepted the POST, so a
+        failure in between (a 409 on the record, a crash) sends it again, with the same delivery
+        id for the receiver to drop. Recording first would make a failed POST a lost reload.
+        """
+        assert self._notifier is not None
+        try:
+            await self._notifier.deliver(self._reload(workload, decision))
+        except NotifyFailed as failure:
+            error = ApiError(failure.status, "WebhookFailed", str(failure))
+            raise RestartFailed(workload.key, decision, error) from None
+        await self._patch(workload, record_patch(workload, decision), decision)
+        configs = ", ".join(decision.triggers)
+        log.info("reload sent to the webhook", extra=_fields(workload.key, configs=configs))
+
+    def _reload(self, workload: WorkloadSnapshot, decision: Decision) -> Reload:
+        key, record = workload.key, decision.record
+        digests = record.configs if record is not None else ()
+        ident = delivery_id(uid=workload.uid, workload=str(key), digests=digests)
+        return Reload(key.kind, key.namespace, key.name, decision.triggers, ident)
 
     async def _restart(
         self, workload: WorkloadSnapshot, decision: Decision, deps: Mapping[str, Dependency]
@@ -522,6 +562,8 @@ class Restarter:
         log.info("restarted workload", extra=_fields(key, configs=configs))
         message = f"Changes detected in {configs}; restarted {key.kind} {key.name}"
         await self.emit_event(workload, reason="Reloaded", message=message, warning=False)
+        if self._notifier is not None:
+            self._notifier.alert_nowait(self._reload(workload, decision))  # queued, never waits
 
     async def _report_problems(self, workload: WorkloadSnapshot) -> None:
         """Invalid annotations: one log line and one Warning Event per distinct problem set.

@@ -49,6 +49,12 @@ def _split_outside_parentheses(text: str) -> list[str]:
     return [part.strip() for part in parts if part.strip()]
 
 
+def _secret_env(name: str) -> SecretStr | None:
+    """A Stakater variable holding a URL: a secret, and unset when empty."""
+    value = os.environ.get(name, "").strip()
+    return SecretStr(value) if value else None
+
+
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
 
@@ -208,6 +214,37 @@ class Settings(BaseSettings):
         default=":6060",
         **_flag("--pprof-addr", "Accepted for Stakater compatibility; ignored."),
     )
+    webhook_url: SecretStr | None = Field(
+        default=None,
+        **_flag(
+            "--webhook-url",
+            "POST each reload to this URL instead of restarting the workload (a secret: never "
+            "logged).",
+        ),
+    )
+    alert_on_reload: bool = Field(
+        default_factory=lambda: os.environ.get("ALERT_ON_RELOAD") == "true",
+        description="Send an alert after each restart (Stakater: ALERT_ON_RELOAD=true).",
+    )
+    alert_sink: str = Field(
+        default_factory=lambda: os.environ.get("ALERT_SINK", ""),
+        description="slack, teams, gchat; anything else POSTs raw text (Stakater: ALERT_SINK).",
+    )
+    alert_webhook_url: SecretStr | None = Field(
+        default_factory=lambda: _secret_env("ALERT_WEBHOOK_URL"),
+        description="Where alerts go (Stakater: ALERT_WEBHOOK_URL; a secret: never logged).",
+    )
+    alert_webhook_proxy: SecretStr | None = Field(
+        default_factory=lambda: _secret_env("ALERT_WEBHOOK_PROXY"),
+        description="HTTP proxy for alerts (Stakater: ALERT_WEBHOOK_PROXY).",
+    )
+    alert_additional_info: str = Field(
+        default_factory=lambda: os.environ.get("ALERT_ADDITIONAL_INFO", ""),
+        description="Text put before each alert (Stakater: ALERT_ADDITIONAL_INFO).",
+    )
+    notify_timeout_seconds: float = Field(
+        default=10.0, gt=0, le=300, description="Timeout of one webhook or alert POST."
+    )
     auto_annotation: str = Field(
         default=DEFAULT_NAMES.auto, **_flag("--auto-annotation", "Rename 'auto'.")
     )
@@ -293,6 +330,17 @@ class Settings(BaseSettings):
             known = ", ".join(WORKLOAD_TYPE_NAMES)
             raise ValueError(f"unknown workload type {', '.join(unknown)} (use {known})")
         return lowered
+
+    @field_validator("webhook_url", "alert_webhook_url", "alert_webhook_proxy")
+    @classmethod
+    def _http_url(cls, value: SecretStr | None) -> SecretStr | None:
+        """An http(s) URL; the message never repeats the value, which may hold a token."""
+        if value is None:
+            return None
+        scheme, _, rest = value.get_secret_value().strip().partition("://")
+        if scheme.lower() not in ("http", "https") or not rest:
+            raise ValueError("not an http:// or https:// URL (value not shown: it is a secret)")
+        return value
 
     @model_validator(mode="after")
     def _single_namespace_from_stakater_env(self) -> Settings:
