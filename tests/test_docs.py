@@ -26,7 +26,8 @@ DOCS = ROOT / "docs"
 CONFIGURATION = DOCS / "configuration.md"
 COMPATIBILITY = DOCS / "stakater-compatibility.md"
 TESTING = DOCS / "testing.md"
-OUR_DOCUMENTS = (ROOT / "README.md", CONFIGURATION, COMPATIBILITY, TESTING)
+OUR_DOCUMENTS = (ROOT / "README.md", *sorted(DOCS.glob("*.md")))
+"""Every document we write: their links and anchors must resolve."""
 
 STAKATER_FLAGS = (
     "--auto-reload-all",
