@@ -22,14 +22,15 @@ import contextlib
 import ctypes
 import gc
 import logging
+import os
 import signal
 import sys
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from functools import partial
 from typing import Any, TypeVar
 
-from reloader import logs
+from reloader import access, logs, metainfo
 from reloader.digests import DigestKey
 from reloader.http import build_app, serve
 from reloader.index import ReferenceIndex
@@ -68,39 +69,104 @@ class StartupError(Exception):
     logs it and exits with code 2, as for invalid settings."""
 
 
-async def load_digest_key(api: Api, settings: Settings) -> DigestKey:
-    """The digest key: from the setting, else from (or into) a Secret in our own namespace.
+async def load_digest_key(
+    api: Api,
+    settings: Settings,
+    *,
+    keep_trying: bool = False,
+    waiting: Callable[[str], None] | None = None,
+) -> DigestKey:
+    """The digest key: from the setting or the key file, else from (or into) a Secret in our own
+    namespace.
 
     Creating it when missing means a fresh install needs no manual step; a second replica racing to
     create it gets 409 and reads the winner's key, so all replicas agree. What waiting cannot fix
-    (the namespace does not exist, RBAC refuses) raises ``StartupError`` saying what to do; the
-    namespace is never created here, since which namespace the controller lives in is the
-    installer's choice. Anything else (the server unreachable, a Secret without a usable key, which
-    editing it fixes) is retried with backoff.
+    (the namespace does not exist, RBAC refuses: Stakater's chart grants no ``create`` on Secrets)
+    raises ``StartupError`` saying what to do, unless ``keep_trying``: in a pod an exit would only
+    crash-loop, so the same message is logged as an error and retried, and the fix (a grant, the
+    Secret created, the namespace) takes effect without a restart. The namespace is never created
+    here, since which namespace the controller lives in is the installer's choice. Anything else
+    (the server unreachable, a Secret without a usable key, which editing it fixes) is retried with
+    backoff. ``waiting`` is told each reason for waiting (``/readyz`` shows it).
     """
     if settings.hash_key is not None:
         return DigestKey.from_secret(settings.hash_key.get_secret_value().encode())
+    if settings.hash_key_file is not None:
+        return _key_from_file(settings.hash_key_file)
     namespace, name = settings.controller_namespace, settings.hash_key_secret
     path = SECRETS.object_path(namespace, name)
     backoff = Backoff()
     while True:
         try:
             return await _read_or_create_key(api, path, namespace, name)
+        except StartupError as error:
+            if not keep_trying:
+                raise
+            reason, level = str(error), logging.ERROR
         except ApiError as error:
-            delay = backoff.next_delay()
-            log.warning(
-                "cannot read the digest key secret; retrying",
-                extra={
-                    "namespace": namespace,
-                    "secret": name,
-                    "error": str(error),
-                    "retry_in": round(delay, 2),
-                },
+            reason, level = f"cannot read the digest key secret: {error}", logging.WARNING
+        delay = backoff.next_delay()
+        log.log(
+            level,
+            "cannot read the digest key secret; retrying",
+            extra={"namespace": namespace, "secret": name, "error": reason, "retry_in": delay},
+        )
+        if waiting is not None:
+            waiting(f"waiting for the digest key: {reason}")
+        await asyncio.sleep(delay)
+
+
+async def wait_for_access(
+    api: Api,
+    settings: Settings,
+    *,
+    keep_trying: bool = False,
+    waiting: Callable[[str], None] | None = None,
+) -> bool:
+    """True once the server allows everything ``settings`` need (``access.py``).
+
+    A refusal is one line naming every missing grant: ``StartupError``, or with ``keep_trying``
+    (in a pod) an error logged and retried until someone grants it; no watch starts before, since
+    an informer allowed to list but not to watch would act on a cache that never changes.
+    """
+    backoff = Backoff()
+    while True:
+        try:
+            missing = await access.refused(api, access.required(settings))
+        except ApiError as error:
+            reason = f"cannot check the controller's permissions: {error}"
+        else:
+            if not missing:
+                return True
+            reason = (
+                f"the controller's account lacks {', '.join(missing)}: grant them (Stakater's "
+                "chart grants fewer verbs; see "
+                "docs/install.md#upgrading-from-stakaters-helm-chart)"
             )
-            await asyncio.sleep(delay)
+            if not keep_trying:
+                raise StartupError(reason)
+        delay = backoff.next_delay()
+        log.error("missing permissions; retrying", extra={"error": reason, "retry_in": delay})
+        if waiting is not None:
+            waiting(f"waiting for permissions: {reason}")
+        await asyncio.sleep(delay)
 
 
-_OTHERWISE = "or give the key with RELOADER_HASH_KEY (docs/configuration.md#the-digest-key)"
+def _key_from_file(path: str) -> DigestKey:
+    """The file's bytes as they are: a mounted Secret key gives exactly the Secret's bytes, so
+    the same key whether mounted or read from the API."""
+    try:
+        with open(path, "rb") as file:
+            return DigestKey.from_secret(file.read())
+    except (OSError, ValueError) as error:
+        message = f"cannot use the digest key file {path!r} (--hash-key-file): {error}"
+        raise StartupError(message) from error
+
+
+_OTHERWISE = (
+    "or give the key with RELOADER_HASH_KEY or --hash-key-file "
+    "(docs/configuration.md#the-digest-key)"
+)
 
 
 async def _read_or_create_key(api: Api, path: str, namespace: str, name: str) -> DigestKey:
@@ -292,8 +358,9 @@ class Controller:
 
     def _on_config(self, old: ConfigSnapshot | None, new: ConfigSnapshot | None) -> None:
         current = new or old
-        kind = current.kind if current is not None else "?"
-        self.metrics.events_received.labels(resource_type=kind).inc()
+        if current is not None:
+            resource = CONFIG_RESOURCES[current.kind].plural
+            self.metrics.count_event(old=old, new=new, resource_type=resource)
         self._enqueue(self.index.config_changed(old, new))
 
     def _on_workload(self, old: WorkloadSnapshot | None, new: WorkloadSnapshot | None) -> None:
@@ -305,6 +372,7 @@ class Controller:
 
     def _on_namespace(self, old: str | None, new: str | None) -> None:
         """A namespace entered or left the selection: look again at its opted-in workloads."""
+        self.metrics.count_event(old=old, new=new, resource_type=NAMESPACES.plural)
         namespace = new or old or ""
         keys = {
             workload.key
@@ -465,6 +533,34 @@ def release_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
+def in_a_pod() -> bool:
+    """The kubelet sets ``KUBERNETES_SERVICE_HOST`` in every container. Run by hand, a setting
+    that cannot work ends the process (exit 2); in a pod that would only crash-loop it, so the
+    start waits and retries instead, alive, not ready, and saying why."""
+    return bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
+
+
+class StartupProbes:
+    """``/healthz`` and ``/readyz`` from the first moment the port is open.
+
+    Before the controller exists (waiting for the digest key) the process is alive, since a
+    restart would fix nothing, and not ready, with the reason; then the controller answers.
+    """
+
+    def __init__(self) -> None:
+        self.controller: Controller | None = None
+        self.reason = "starting"
+
+    def waiting(self, reason: str) -> None:
+        self.reason = reason
+
+    def healthy(self) -> tuple[bool, str]:
+        return self.controller.healthy() if self.controller else (True, self.reason)
+
+    def ready(self) -> tuple[bool, str]:
+        return self.controller.ready() if self.controller else (False, self.reason)
+
+
 async def _unless_stopped(work: Coroutine[Any, Any, T], stop: asyncio.Event) -> T | None:
     """``work``'s result, or None if ``stop`` is set first (SIGTERM while the API is down)."""
     task, stopped = asyncio.ensure_future(work), asyncio.ensure_future(stop.wait())
@@ -483,15 +579,21 @@ async def run(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(signum, stop.set)
     api = await connect(kubeconfig=settings.kubeconfig)
+    metrics = Metrics(by_namespace=settings.metrics_count_by_namespace)
+    probes = StartupProbes()
+    app = build_app(registry=metrics.registry, healthy=probes.healthy, ready=probes.ready)
+    runner = await serve(app, host=settings.metrics_address, port=settings.metrics_port)
     try:
-        digest_key = await _unless_stopped(load_digest_key(api, settings), stop)
+        await metainfo.publish(api, settings)
+        loading = load_digest_key(api, settings, keep_trying=in_a_pod(), waiting=probes.waiting)
+        digest_key = await _unless_stopped(loading, stop)
         if digest_key is None:
             return
-        controller = Controller(settings=settings, api=api, digest_key=digest_key)
-        app = build_app(
-            registry=controller.metrics.registry, healthy=controller.healthy, ready=controller.ready
-        )
-        runner = await serve(app, host=settings.metrics_address, port=settings.metrics_port)
+        checking = wait_for_access(api, settings, keep_trying=in_a_pod(), waiting=probes.waiting)
+        if not await _unless_stopped(checking, stop):
+            return
+        controller = Controller(settings=settings, api=api, digest_key=digest_key, metrics=metrics)
+        probes.controller = controller
         log.info(
             "reloader started",
             extra={
@@ -501,11 +603,9 @@ async def run(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
                 "digest_key_id": digest_key.key_id,
             },
         )
-        try:
-            await controller.run(stop)
-        finally:
-            await runner.cleanup()
+        await controller.run(stop)
     finally:
+        await runner.cleanup()
         await api.close()
     log.info("reloader stopped")
 

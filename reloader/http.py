@@ -7,11 +7,13 @@ metrics port also serves pprof, which leaks flags and burns CPU on request.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+log = logging.getLogger("reloader.http")
 Probe = Callable[[], tuple[bool, str]]
 """Returns (ok, one line of detail)."""
 
@@ -37,12 +39,26 @@ def build_app(*, registry: CollectorRegistry, healthy: Probe, ready: Probe) -> w
 
 
 async def serve(app: web.Application, *, host: str, port: int) -> web.AppRunner:
-    """Start listening; returns the runner (its ``addresses`` tell the bound port when 0)."""
+    """Start listening; returns the runner (its ``addresses`` tell the bound port when 0).
+
+    ``host`` empty means every address, IPv4 and IPv6, as Go's ``:9090`` does for Stakater: an
+    IPv6-only or dual-stack cluster probes the pod on its IPv6 address. The two sockets share one
+    port (IPv6 socket with ``IPV6_V6ONLY``); a node without IPv6 keeps IPv4 and logs why.
+    """
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host=host, port=port)
+    site = web.TCPSite(runner, host=host or "0.0.0.0", port=port)
     await site.start()
+    if not host:
+        await _serve_ipv6_too(runner, port=bound_port(runner))
     return runner
+
+
+async def _serve_ipv6_too(runner: web.AppRunner, *, port: int) -> None:
+    try:
+        await web.TCPSite(runner, host="::", port=port).start()
+    except OSError as error:  # IPv6 disabled on the node or in the pod's network namespace
+        log.warning("not listening on IPv6", extra={"port": port, "error": str(error)})
 
 
 def bound_port(runner: web.AppRunner) -> int:

@@ -11,7 +11,7 @@ import collections
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -154,10 +154,18 @@ class Metrics:
         self.errors = Counter("reloader_errors", "Errors by type.", ["type"], registry=r)
         self.events_received = Counter(
             "reloader_events_received",
-            "Changes seen by the informers, by kind.",
-            ["resource_type"],
+            "Changes seen by the informers: event_type add, update or delete; resource_type "
+            "configmaps, secrets or namespaces (Stakater's labels and values).",
+            ["event_type", "resource_type"],
             registry=r,
         )
+        # Stakater serves the default Go registry, whose process_* series dashboards use.
+        ProcessCollector(registry=r)
+
+    def count_event(self, *, old: object | None, new: object | None, resource_type: str) -> None:
+        """One informer notification, named as Stakater names its informer callbacks."""
+        event_type = "add" if old is None else "delete" if new is None else "update"
+        self.events_received.labels(event_type=event_type, resource_type=resource_type).inc()
 
     def attach(self, sources: Sources) -> None:
         self.registry.register(_LiveCollector(sources))

@@ -28,7 +28,7 @@ SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/names
 
 
 def _service_account_namespace() -> str:
-    """The pod's namespace when POD_NAMESPACE is not set (Stakater's chart does not set it)."""
+    """The pod's namespace when neither POD_NAMESPACE nor RELOADER_NAMESPACE is set."""
     try:
         with open(SERVICE_ACCOUNT_NAMESPACE) as file:
             return file.read().strip() or "reloader"
@@ -37,16 +37,36 @@ def _service_account_namespace() -> str:
 
 
 def _split_outside_parentheses(text: str) -> list[str]:
-    parts, depth, current = [], 0, ""
+    """Split on commas outside parentheses and double quotes; unquote each part.
+
+    Stakater's list flags are pflag string slices, read as one CSV record: a field in double
+    quotes may hold commas and loses its quotes. Its Helm chart relies on that, rendering
+    ``--namespace-selector="team=a"`` with the quotes inside the argument. A quoted field's own
+    commas then separate items as usual (the lists are ANDed selectors or sets of names).
+    """
+    parts, depth, quoted, current = [], 0, False, ""
     for char in text:
-        depth += {"(": 1, ")": -1}.get(char, 0)
-        if char == "," and depth == 0:
+        quoted ^= char == '"'
+        depth += 0 if quoted else {"(": 1, ")": -1}.get(char, 0)
+        if char == "," and depth == 0 and not quoted:
             parts.append(current)
             current = ""
         else:
             current += char
     parts.append(current)
-    return [part.strip() for part in parts if part.strip()]
+    items: list[str] = []
+    for part in (part.strip() for part in parts):
+        inner = _unquote(part)
+        items += _split_outside_parentheses(inner) if inner != part else [part]
+    return [item for item in items if item]
+
+
+def _unquote(text: str) -> str:
+    """One pair of surrounding double quotes removed (``""`` inside stands for one quote, as
+    in CSV)."""
+    if len(text) >= 2 and text[0] == text[-1] == '"':
+        return text[1:-1].replace('""', '"')
+    return text
 
 
 def _secret_env(name: str) -> SecretStr | None:
@@ -124,7 +144,10 @@ class Settings(BaseSettings):
         default_factory=lambda: os.environ.get("METRICS_COUNT_BY_NAMESPACE") == "enabled",
         description="Export restarts by namespace (Stakater: METRICS_COUNT_BY_NAMESPACE=enabled).",
     )
-    metrics_address: str = Field(default="0.0.0.0", description="Address the HTTP port binds.")
+    metrics_address: str = Field(
+        default="",
+        description="Address the HTTP port binds; empty: every IPv4 and IPv6 address.",
+    )
     kubeconfig: str | None = Field(
         default=None,
         **_flag("--kubeconfig", "Kubeconfig path; defaults to in-cluster, then $KUBECONFIG."),
@@ -134,13 +157,21 @@ class Settings(BaseSettings):
         min_length=16,
         description="Key for config digests. Unset: read (or create) the hash key Secret.",
     )
+    hash_key_file: str | None = Field(
+        default=None,
+        description="File holding the digest key (a mounted Secret key); read when no hash key.",
+    )
     hash_key_secret: str = Field(
         default="reloader-hash-key",
         description="Secret in the controller's namespace holding the digest key (key 'key').",
     )
     controller_namespace: str = Field(
-        default_factory=lambda: os.environ.get("POD_NAMESPACE") or _service_account_namespace(),
-        description="The controller's own namespace (POD_NAMESPACE in a pod).",
+        default_factory=lambda: (
+            os.environ.get("POD_NAMESPACE")
+            or os.environ.get("RELOADER_NAMESPACE")
+            or _service_account_namespace()
+        ),
+        description="The controller's own namespace (POD_NAMESPACE or RELOADER_NAMESPACE).",
     )
     stall_timeout_seconds: float = Field(
         default=70.0, gt=0, description="Reconnect a watch that sent nothing for this long."

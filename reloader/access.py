@@ -1,0 +1,83 @@
+"""Which of the permissions the configuration needs the server refuses, asked before starting.
+
+Stakater's Helm chart grants fewer verbs than this controller uses (no ``watch`` on workloads, no
+``patch`` on CronJobs and Jobs, no ``create`` on Secrets). Without ``watch`` the informers would
+list once and then be refused forever: a cache that never learns of the controller's own writes,
+so decisions from it would be wrong. One SelfSubjectAccessReview per permission (every account
+may ask about itself) finds all of them at once, so a single log line and ``/readyz`` can say
+exactly what to grant, instead of one 403 per informer as each hits it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from reloader import permissions
+from reloader.kube import Api
+from reloader.model import KINDS, SECRETS
+from reloader.permissions import Feature, Permission
+from reloader.settings import Settings
+
+REVIEWS = "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews"
+
+
+def required(settings: Settings) -> dict[str, frozenset[Permission]]:
+    """What ``settings`` need once the digest key is loaded, by namespace ("" for cluster-wide).
+
+    The key Secret is read by name at every start; creating it was needed only once, and whoever
+    creates it instead of the controller makes that grant unnecessary.
+    """
+    features: list[Feature] = ["always"]
+    if any(settings.watches_workload(KINDS[kind]) for kind in ("CronJob", "Job")):
+        features.append("cronjobs-and-jobs")
+    if settings.is_argo_rollouts:
+        features.append("argo-rollouts")
+    if settings.namespace_label_selector and settings.cluster_wide:
+        features.append("namespace-selector")
+    needs = {scope: permissions.needed(features) for scope in settings.namespaces or [""]}
+    own: list[Feature] = ["pending-jobs"] if "cronjobs-and-jobs" in features else []
+    if settings.hash_key is None and settings.hash_key_file is None:
+        own.append("digest-key")
+    creating_key = Permission("", SECRETS.plural, "create")
+    key = permissions.needed(own) - {creating_key}
+    home = settings.controller_namespace
+    needs[home] = needs.get(home, frozenset()) | _renamed(key, settings.hash_key_secret)
+    return needs
+
+
+def _renamed(needs: Iterable[Permission], secret: str) -> frozenset[Permission]:
+    """The key Secret's grant under the name in force (``--hash-key-secret``)."""
+    return frozenset(
+        Permission(p.group, p.resource, p.verb, secret) if p.name else p for p in needs
+    )
+
+
+async def refused(api: Api, needs: Mapping[str, frozenset[Permission]]) -> list[str]:
+    """Each permission the server does not allow, as ``verb resource.group [in namespace]``."""
+    missing = []
+    for namespace, wanted in sorted(needs.items()):
+        for permission in sorted(wanted):
+            if not await _allowed(api, permission, namespace=namespace):
+                where = f" in namespace {namespace}" if namespace else ""
+                missing.append(f"{permission}{where}")
+    return missing
+
+
+async def _allowed(api: Api, permission: Permission, *, namespace: str) -> bool:
+    resource, _, subresource = permission.resource.partition("/")
+    attributes = {
+        "namespace": namespace,
+        "group": permission.group,
+        "resource": resource,
+        "subresource": subresource,
+        "verb": permission.verb,
+        "name": permission.name,
+    }
+    review: dict[str, Any] = {
+        "apiVersion": "authorization.k8s.io/v1",
+        "kind": "SelfSubjectAccessReview",
+        "spec": {"resourceAttributes": attributes},
+    }
+    answer: dict[str, Any] = dict(await api.create(REVIEWS, review))
+    return bool(answer.get("status", {}).get("allowed"))
