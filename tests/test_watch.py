@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 import reloader.watch
-from reloader.kube import Api
+from reloader.kube import Api, connect_with_dict
 from reloader.model import CONFIGMAPS, RawObject
 from reloader.watch import Informer
 from tests.conftest import TestCluster
@@ -168,26 +168,44 @@ async def test_relist_after_410_synthesises_deletes_missed_while_down(
 
 
 async def test_stall_watchdog_reconnects_a_silent_watch(
-    cluster: TestCluster,
-    admin_api: Api,
-    namespace: str,
-    informer: tuple[Informer[Any], Recorder],
+    cluster: TestCluster, admin_api: Api, namespace: str
 ) -> None:
     """A frozen apiserver keeps the TCP connection open and sends nothing; after the stall timeout
-    (3 s here) the informer drops the connection and reconnects, and misses nothing afterwards."""
+    (3 s here) the informer drops the connection and opens a new watch, and misses nothing
+    afterwards. The new watch is read from the apiserver's audit log, not the informer's count."""
     plane = local_plane(cluster)
-    watched, _ = informer
+    user = f"stall-{namespace}"
+    api = await connect_with_dict(plane.audited_kubeconfig(user))
+    watched: Informer[tuple[str, str]] = Informer(
+        api=api,
+        resource=CONFIGMAPS,
+        transform=name_and_data,
+        namespaces=[namespace],
+        label_selector="suite=watch",
+        stall_timeout=3,
+    )
     task = await run_until_synced(watched)
+
+    def watches_opened() -> int:
+        return len({e["auditID"] for e in plane.audit_events(user) if e.get("verb") == "watch"})
+
     try:
+
+        async def first_watch_logged() -> bool:
+            return watches_opened() >= 1
+
+        await wait_for(first_watch_logged, timeout=20, message="the first watch in the audit log")
+        before = watches_opened()
         plane.freeze_apiserver()
         try:
-
-            async def reconnected() -> bool:
-                return watched.statistics().restarts >= 1
-
-            await wait_for(reconnected, timeout=20, message="the silent watch dropped")
+            await asyncio.sleep(5)  # longer than the stall timeout: the watchdog has fired
         finally:
             plane.thaw_apiserver()
+
+        async def reopened() -> bool:
+            return watches_opened() > before
+
+        await wait_for(reopened, timeout=20, message="a new watch request after the stall")
         await create(admin_api, namespace, "after", {"v": "1"})
 
         async def seen() -> bool:
@@ -196,3 +214,4 @@ async def test_stall_watchdog_reconnects_a_silent_watch(
         await wait_for(seen, timeout=60, message="events after the stall")
     finally:
         await stop(task)
+        await api.close()
