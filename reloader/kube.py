@@ -207,6 +207,12 @@ class Api:
         params = [("fieldManager", FIELD_MANAGER)]
         return cast(RawObject, await self._json("POST", path, params=params, body=dict(body)))
 
+    async def replace(self, path: str, body: Mapping[str, Any]) -> RawObject:
+        """PUT the whole object; with ``metadata.resourceVersion`` in ``body`` only that version
+        is replaced (409 otherwise). Some roles grant ``update`` but not ``patch``."""
+        params = [("fieldManager", FIELD_MANAGER)]
+        return cast(RawObject, await self._json("PUT", path, params=params, body=dict(body)))
+
     async def delete(
         self,
         path: str,

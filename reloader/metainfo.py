@@ -132,4 +132,4 @@ async def _create_or_replace(api: Api, namespace: str, body: dict[str, Any]) -> 
         await api.create(CONFIGMAPS.collection_path(namespace), body)
         return
     # kube.Api has no public PUT yet; _json is its one request path (see the report).
-    await api._json("PUT", path, body=body)
+    await api.replace(path, body)
