@@ -32,6 +32,7 @@ from typing import Any, TypeVar
 
 from reloader import access, logs, metainfo
 from reloader.digests import DigestKey
+from reloader.events import EventRecorder
 from reloader.http import build_app, serve
 from reloader.index import ReferenceIndex
 from reloader.kube import Api, ApiConflict, ApiError, ApiForbidden, ApiNotFound, connect
@@ -279,6 +280,7 @@ class Controller:
             ),
             pending_jobs_namespace=settings.controller_namespace,
             metrics=self.metrics,
+            events=EventRecorder(api=api, metrics=self.metrics),
             changed_since=self._changed_since.get,
             in_scope=self._namespace_selected,
             notifier=self.notifier,
@@ -416,6 +418,8 @@ class Controller:
                     i.resource.plural: group.create_task(i.run()) for i in self.informers
                 }
                 watches = list(self._watches.values())
+                events = self.restarter.events
+                writer = group.create_task(events.run())
                 workers = group.create_task(self._work_when_synced())
                 notifier = self.notifier
                 senders = group.create_task(notifier.run()) if notifier is not None else None
@@ -427,6 +431,7 @@ class Controller:
                 if not self._working:
                     workers.cancel()
                 await asyncio.gather(workers, return_exceptions=True)
+                await events.close(writer)  # the last restarts' Events, for a few seconds at most
                 if notifier is not None and senders is not None:
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(self.settings.notify_timeout_seconds):

@@ -143,6 +143,15 @@ class Metrics:
             "Restarts held back by the per-workload interval or the global restart rate.",
             registry=r,
         )
+        self.events_dropped = Counter(
+            "reloader_events_dropped",
+            "Kubernetes Events not written, by reason: spam (over the object's budget), "
+            "queue_full, write_failed, shutdown (not flushed in time).",
+            ["reason"],
+            registry=r,
+        )
+        for reason in ("spam", "queue_full", "write_failed", "shutdown"):
+            self.events_dropped.labels(reason=reason)
         self.notifications = Counter(
             "reloader_notifications",
             "Webhook (--webhook-url) and alert POSTs, by target and result (sent, failed, "

@@ -13,7 +13,8 @@ Where each need comes from:
 ``always``
     ``watch.Informer._list``/``_watch`` list and watch ConfigMaps, Secrets and every workload kind
     (never ``get``: configs are read from the watch cache); ``restart.Restarter._patch`` patches
-    workloads (restart and record in one patch); ``Restarter.emit_event`` creates core Events.
+    workloads (restart and record in one patch); ``events.EventRecorder`` creates core Events
+    and patches their ``count`` when one repeats.
 ``cronjobs-and-jobs``
     ``Restarter._get`` reads a CronJob or Job in full before restarting it;
     ``Restarter._run_cronjob`` creates a Job from a CronJob; ``Restarter._recreate_job`` deletes a
@@ -94,7 +95,7 @@ NEEDS: Mapping[Feature, frozenset[Permission]] = {
         _grant(_DEPLOYMENT, (*_WATCH, "patch")),
         _grant(_STATEFULSET, (*_WATCH, "patch")),
         _grant(_DAEMONSET, (*_WATCH, "patch")),
-        _grant(EVENTS, ("create",)),
+        _grant(EVENTS, ("create", "patch")),
     ),
     "cronjobs-and-jobs": frozenset().union(
         _grant(_CRONJOB, (*_WATCH, "get", "patch")),

@@ -33,6 +33,7 @@ from typing import Any, Literal
 from reloader.annotations import DEFAULT_NAMES
 from reloader.decide import Decision, Dependency, decide, dependencies
 from reloader.digests import DigestKey
+from reloader.events import EventRecorder, Subject
 from reloader.kube import (
     Api,
     ApiConflict,
@@ -45,7 +46,6 @@ from reloader.kube import (
 from reloader.metrics import Metrics
 from reloader.model import (
     CONFIGMAPS,
-    EVENTS,
     JOBS,
     KINDS,
     ConfigKind,
@@ -127,6 +127,7 @@ class Restarter:
         restart_budget: TokenBucket,
         metrics: Metrics,
         record_budget: TokenBucket | None = None,
+        events: EventRecorder | None = None,
         pending_jobs_namespace: str = "reloader",
         changed_since: Callable[[WorkloadKey], float | None],
         in_scope: Callable[[str], bool] = lambda namespace: True,
@@ -145,6 +146,8 @@ class Restarter:
         self.pending_jobs_namespace = pending_jobs_namespace
         """Where copies of Jobs being re-created are kept: the controller's own namespace."""
         self._metrics = metrics
+        self.events = events or EventRecorder(api=api, metrics=metrics)
+        """Where Events go: written in the background, never in a worker's path."""
         self._changed_since = changed_since
         self._in_scope = in_scope
         self._clock = clock
@@ -190,7 +193,7 @@ class Restarter:
         if not self._in_scope(key.namespace):
             self._release(key)
             return Outcome("out of scope")
-        await self._report_problems(workload)
+        self._report_problems(workload)
         configs = {kind: i.in_namespace(key.namespace) for kind, i in self._configs.items()}
         deps = dependencies(workload, configs, key=self._key)
         decision = decide(
@@ -207,6 +210,7 @@ class Restarter:
             wait = self._restart_wait(workload)
             if wait > 0:
                 self._metrics.restarts_deferred.inc()
+                self._report_deferral(workload, decision)
                 return Outcome("deferred", requeue_after=wait)
             if self._webhook_busy():
                 self._restart_turns.keep(key)  # its turn came: kept for when a slot is free
@@ -315,7 +319,7 @@ class Restarter:
                 # cannot happen counts as a failed reload.
                 self._metrics.count_reload(namespace=key.namespace, success=False)
             raise
-        await self._restarted(workload, decision)
+        self._restarted(workload, decision)
         remaining = workload.policy.pause_period if self._pauses(workload) else None
         remaining = remaining if remaining is not None else self._pause_remaining(workload)
         return Outcome("restart", requeue_after=max(0.0, remaining or 0.0))
@@ -549,7 +553,7 @@ class Restarter:
         patch["spec"] = {"template": {"spec": {"containers": containers}}}
         await self._patch(workload, patch, decision)
 
-    async def _restarted(self, workload: WorkloadSnapshot, decision: Decision) -> None:
+    def _restarted(self, workload: WorkloadSnapshot, decision: Decision) -> None:
         key = workload.key
         self._metrics.count_reload(namespace=key.namespace, success=True)
         self._metrics.action_total.labels(workload_kind=key.kind, result="success").inc()
@@ -561,11 +565,15 @@ class Restarter:
         configs = ", ".join(decision.triggers)
         log.info("restarted workload", extra=_fields(key, configs=configs))
         message = f"Changes detected in {configs}; restarted {key.kind} {key.name}"
-        await self.emit_event(workload, reason="Reloaded", message=message, warning=False)
+        self.emit_event(workload, reason="Reloaded", message=message, warning=False)
+        if workload.paused and workload.paused_at is None:
+            # Paused by someone else: the template changed, but nothing rolls until they resume.
+            postponed = f"{key.kind} is paused: the restart for {configs} rolls out once resumed"
+            self.emit_event(workload, reason="ReloadPostponed", message=postponed, warning=True)
         if self._notifier is not None:
             self._notifier.alert_nowait(self._reload(workload, decision))  # queued, never waits
 
-    async def _report_problems(self, workload: WorkloadSnapshot) -> None:
+    def _report_problems(self, workload: WorkloadSnapshot) -> None:
         """Invalid annotations: one log line and one Warning Event per distinct problem set.
 
         One Event lists them all: a list of 64 bad patterns must not become 64 Events on every
@@ -583,38 +591,35 @@ class Restarter:
         message = f"{len(problems)} invalid annotation value(s) ignored: {listed}{more}"
         log.warning("invalid annotations", extra=_fields(workload.key, problems=message))
         self._metrics.errors.labels(type="invalid_annotation").inc(len(problems))
-        await self.emit_event(workload, reason="InvalidAnnotation", message=message, warning=True)
+        self.emit_event(workload, reason="InvalidAnnotation", message=message, warning=True)
 
-    async def emit_event(
+    def _report_deferral(self, workload: WorkloadSnapshot, decision: Decision) -> None:
+        """A restart held back leaves a Normal Event: storm control at work, not a fault, and the
+        restart follows by itself. The message names no time left, so while a config flaps the
+        repeats raise one Event's count."""
+        last, interval = workload.last_restart_at, self._policy.min_interval
+        if last is not None and last + interval > self._clock():
+            why = f"less than {interval:g}s since the last restart (minimum restart interval)"
+        else:
+            why = "waiting for its turn under the global restart rate"
+        message = f"Restart for changes in {', '.join(decision.triggers)} postponed: {why}"
+        self.emit_event(workload, reason="ReloadDeferred", message=message, warning=False)
+
+    def emit_event(
         self, workload: WorkloadSnapshot, *, reason: str, message: str, warning: bool
     ) -> None:
-        """Best effort: an Event that cannot be written is logged, never retried or raised."""
+        """Hand an Event to the recorder, which deduplicates it and writes it in the background:
+        this never waits for the server, so Events cannot slow restarts down."""
         key = workload.key
         resource = KINDS[key.kind].resource
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self._clock()))
-        body = {
-            "metadata": {"generateName": f"{key.name}.", "namespace": key.namespace},
-            "involvedObject": {
-                "apiVersion": f"{resource.group}/{resource.version}",
-                "kind": key.kind,
-                "namespace": key.namespace,
-                "name": key.name,
-                "uid": workload.uid,
-            },
-            "reason": reason,
-            "message": message[:1024],
-            "type": "Warning" if warning else "Normal",
-            "source": {"component": "reloader"},
-            "reportingComponent": "reloader",
-            "firstTimestamp": stamp,
-            "lastTimestamp": stamp,
-            "count": 1,
-        }
-        try:
-            await self._api.create(EVENTS.collection_path(key.namespace), body)
-        except ApiError as error:
-            self._metrics.errors.labels(type="event").inc()
-            log.warning("could not write event", extra=_fields(key, error=str(error)))
+        subject = Subject(
+            api_version=f"{resource.group}/{resource.version}",
+            kind=key.kind,
+            namespace=key.namespace,
+            name=key.name,
+            uid=workload.uid,
+        )
+        self.events.emit(subject, reason=reason, message=message, warning=warning)
 
 
 class RestartFailed(Exception):
@@ -724,4 +729,4 @@ async def _failed(
         message = f"{failure.decision.action} failed: {error}"
         if permission:
             message += f" (grant the controller: {permission})"
-        await restarter.emit_event(workload, reason="ReloadFail", message=message, warning=True)
+        restarter.emit_event(workload, reason="ReloadFail", message=message, warning=True)
