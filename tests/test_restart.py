@@ -283,7 +283,7 @@ def role_rules(*, patch_deployments: bool) -> list[dict[str, Any]]:
         {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": apps_verbs},
         {"apiGroups": ["apps"], "resources": ["statefulsets", "daemonsets"], "verbs": read},
         {"apiGroups": ["batch"], "resources": ["cronjobs", "jobs"], "verbs": read},
-        {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
+        {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "patch"]},
     ]
 
 
