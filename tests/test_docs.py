@@ -26,6 +26,7 @@ DOCS = ROOT / "docs"
 CONFIGURATION = DOCS / "configuration.md"
 COMPATIBILITY = DOCS / "stakater-compatibility.md"
 TESTING = DOCS / "testing.md"
+METRICS = DOCS / "metrics.md"
 OUR_DOCUMENTS = (ROOT / "README.md", *sorted(DOCS.glob("*.md")))
 """Every document we write: their links and anchors must resolve."""
 
@@ -222,6 +223,22 @@ def test_every_exposed_metric_is_in_the_doc() -> None:
     named = {name.split("{")[0] for name in re.findall(r"`([^`]+)`", section)}
     missing = sorted(exposed_metric_names() - named)
     assert not missing, f"add these to the metrics table of stakater-compatibility.md: {missing}"
+
+
+def metrics_doc_rows() -> set[str]:
+    """The metric named in the first cell of each table row of docs/metrics.md."""
+    rows = re.findall(r"^\| `([a-z_:]+)` \|", read(METRICS), flags=re.MULTILINE)
+    return set(rows)
+
+
+def test_every_exposed_metric_has_a_row_in_the_metrics_doc() -> None:
+    missing = sorted(exposed_metric_names() - metrics_doc_rows())
+    assert not missing, f"add a row (type, labels, meaning) to docs/metrics.md for: {missing}"
+
+
+def test_every_metric_the_metrics_doc_describes_is_exposed() -> None:
+    stale = sorted(metrics_doc_rows() - exposed_metric_names())
+    assert not stale, f"docs/metrics.md describes metrics the controller does not expose: {stale}"
 
 
 # --- links -----------------------------------------------------------------------------------
