@@ -4,9 +4,9 @@ Permanent failures are counted, logged and reported once; transient ones are ret
 queue. The permanent failures are real ones: a ValidatingAdmissionPolicy on the real API server
 refuses any Deployment update that sets the restart marker (recording digests still passes), and a
 ServiceAccount whose Role lacks ``patch`` on Deployments gets the server's own 403. A transient
-failure (429, 5xx) cannot be produced on demand by a real server, so that one test drives the
-worker loop with a stand-in restarter that fails twice with a 503 and then succeeds; it checks only
-the queue plumbing, nothing about Kubernetes. A 409 and a refused connection are real.
+failure (503) comes from the loopback fault proxy (``tests/faultproxy.py``) between the controller
+and the real server: a real HTTP answer on a real connection. A 409 and a refused connection are
+real.
 
 The budgets (global restart rate, record writes) are checked with many workloads: each deferred
 workload waits once for its own turn, and first-sight records are spread out in time as the server
@@ -34,15 +34,14 @@ from reloader.permissions import Permission
 from reloader.queue import TokenBucket, WorkQueue
 from reloader.restart import (
     CONFLICTS_BEFORE_WARNING,
-    Outcome,
     Restarter,
     RestartFailed,
     RestartPolicy,
     _failed,
-    run_worker,
 )
 from reloader.settings import Settings
 from tests.conftest import TestCluster
+from tests.faultproxy import Fault, FaultProxy
 from tests.scenario import QUIET, TEST_KEY, Cluster, container, deployment, env_from, wait_for
 from tests.test_manifests import service_account_api, wait_allowed
 
@@ -122,41 +121,32 @@ async def test_a_restart_refused_for_good_is_counted_reported_and_not_retried(
         await scene.api.delete(f"{ADMISSION}/validatingadmissionpolicies/{name}")
 
 
-class FlakyRestarter:
-    """Stand-in for the server fault a real API server cannot be made to produce: two 503s."""
+@pytest.mark.cluster
+async def test_transient_failures_are_retried_with_backoff_until_success(
+    cluster: TestCluster, scene: Cluster
+) -> None:
+    """The fault proxy between the controller and the real API server answers the restart patch
+    with 503 twice (a real HTTP answer on a real connection); the third reaches the server.
+    The restart is retried through the queue, lands once, and success forgets the failures."""
+    await scene.create_configmap("cfg", {"a": "1"})
+    containers = [container(**env_from("ConfigMap", "cfg"))]
+    await scene.create_workload(deployment("web", annotations=AUTO, containers=containers))
+    async with FaultProxy(cluster.kubeconfig) as proxy:
+        controller = await scene.start_controller(api=proxy.api())
+        await scene.wait_recorded("web")
+        retries = controller.metrics.registry.get_sample_value("reloader_retries_total") or 0
+        patches = frozenset({"PATCH"})
+        proxy.add_fault(Fault(status=503, times=2, methods=patches, path_contains="/web"))
+        await scene.patch_configmap("cfg", {"data": {"a": "2"}})
+        await scene.assert_replica_sets_stay("web", 2)
 
-    def __init__(self) -> None:
-        self.calls = 0
-
-    async def sync(self, key: WorkloadKey) -> Outcome:
-        self.calls += 1
-        if self.calls <= 2:
-            error = ApiUnavailable(503, "ServiceUnavailable", "etcd leader changed")
-            raise RestartFailed(key, Decision("restart", None, (), "x"), error)
-        return Outcome("restart")
-
-
-async def test_transient_failures_are_retried_with_backoff_until_success() -> None:
-    queue: WorkQueue[WorkloadKey] = WorkQueue(base_delay=0.01)
-    restarter = FlakyRestarter()
-    metrics = Metrics()
-    settled: list[WorkloadKey] = []
-    key = WorkloadKey("Deployment", "ns", "web")
-    queue.add(key)
-    worker = asyncio.create_task(
-        run_worker(queue=queue, restarter=restarter, metrics=metrics, settled=settled.append)  # type: ignore[arg-type]
-    )
-
-    async def done() -> bool:
-        return bool(settled)
-
-    await wait_for(done, timeout=10, message="the key settles after retries")
-    await queue.shutdown(drain=True)
-    await asyncio.wait_for(worker, timeout=10)
-
-    assert restarter.calls == 3
-    assert metrics.registry.get_sample_value("reloader_retries_total") == 2.0
-    assert queue.num_requeues(key) == 0, "success forgets the failure count"
+        answers = [a.status for a in proxy.log if a.method == "PATCH" and "/web" in a.path]
+        assert answers[-3:] == [503, 503, 200]
+        after = controller.metrics.registry.get_sample_value("reloader_retries_total")
+        assert after == retries + 2
+        key = WorkloadKey("Deployment", scene.namespace, "web")
+        assert controller.queue.num_requeues(key) == 0, "success forgets the failure count"
+        await scene.stop_controllers()  # while the proxy still answers
 
 
 # --- budgets: each deferred workload waits once, for its own turn ---------------------------------
