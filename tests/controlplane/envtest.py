@@ -410,6 +410,13 @@ class ControlPlane:
         self.stop_apiserver()
         self.start_apiserver()
 
+    def kill_apiserver(self) -> None:
+        """SIGKILL the apiserver (a crash or an OOM kill: no graceful close of any connection)."""
+        process = self._processes.pop("kube-apiserver", None)
+        if process is not None and process.popen is not None:
+            process.popen.kill()
+            process.popen.wait()
+
     def freeze_apiserver(self) -> None:
         """SIGSTOP the apiserver: connections stay open but go silent (a hung server or proxy)."""
         self._signal_apiserver(signal.SIGSTOP)
@@ -433,15 +440,26 @@ class ControlPlane:
         request = urllib.request.Request(
             f"{self.etcd_url}/v3/kv/deleterange", data=body, method="POST"
         )
-    def kill_apiserver(self) -> None:
-        """SIGKILL the apiserver (a crash or an OOM kill: no graceful close of any connection)."""
-        process = self._processes.pop("kube-apiserver", None)
-        if process is not None and process.popen is not None:
-            process.popen.kill()
-            process.popen.wait()
-
         with urllib.request.urlopen(request, timeout=10) as response:
             return int(json.loads(response.read()).get("deleted", 0))
+
+    def etcd_compact(self) -> int:
+        """Compact etcd's history up to its current revision; returns that revision.
+
+        With the apiserver's watch cache off for a resource (``--watch-cache-sizes=<resource>#0``)
+        its watches are served by etcd, so a watch resumed from a revision before this one gets
+        410 Gone, as after a long disconnection in a busy cluster.
+        """
+        revision = int(self._etcd_post("/v3/kv/range", {"key": _b64(b"\0")})["header"]["revision"])
+        self._etcd_post("/v3/kv/compaction", {"revision": str(revision), "physical": True})
+        return revision
+
+    def _etcd_post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        request = urllib.request.Request(
+            f"{self.etcd_url}{path}", data=json.dumps(body).encode(), method="POST"
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return dict(json.loads(response.read()))
 
     def _start(self, process: _Process, healthy: Any) -> None:
         self._processes[process.name] = process
@@ -466,24 +484,6 @@ class ControlPlane:
         shutil.rmtree(self.work_dir, ignore_errors=True)
 
     def _ssl(self) -> ssl.SSLContext:
-    def etcd_compact(self) -> int:
-        """Compact etcd's history up to its current revision; returns that revision.
-
-        With the apiserver's watch cache off for a resource (``--watch-cache-sizes=<resource>#0``)
-        its watches are served by etcd, so a watch resumed from a revision before this one gets
-        410 Gone, as after a long disconnection in a busy cluster.
-        """
-        revision = int(self._etcd_post("/v3/kv/range", {"key": _b64(b"\0")})["header"]["revision"])
-        self._etcd_post("/v3/kv/compaction", {"revision": str(revision), "physical": True})
-        return revision
-
-    def _etcd_post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        request = urllib.request.Request(
-            f"{self.etcd_url}{path}", data=json.dumps(body).encode(), method="POST"
-        )
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return dict(json.loads(response.read()))
-
         context = ssl.create_default_context(cafile=str(self._path("ca.crt")))
         return context
 
