@@ -1,4 +1,4 @@
-"""The Containerfile, read as data: there is no container engine here to build it with.
+"""The Containerfile, read as data (tests/test_node.py builds it with buildah and runs the image).
 
 What is checked is what a review would check: two stages; the runtime stage installs the wheel the
 builder made, built by the same command as ``make wheel`` (so the image holds the package the tests
@@ -58,11 +58,30 @@ def instructions(text: str) -> list[Instruction]:
     return result
 
 
-def stages(text: str) -> list[Stage]:
-    result: list[Stage] = []
+def global_args(text: str) -> dict[str, str]:
+    """The ``ARG``s before the first ``FROM`` with their defaults: only they may name a base."""
+    found: dict[str, str] = {}
     for instruction in instructions(text):
         if instruction.keyword == "FROM":
-            words = instruction.args.split()
+            break
+        if instruction.keyword == "ARG":
+            name, _, default = instruction.args.partition("=")
+            found[name.strip()] = default.strip()
+    return found
+
+
+def stages(text: str) -> list[Stage]:
+    """The stages, their bases with the global ``ARG`` defaults put in (what a plain build uses)."""
+    result: list[Stage] = []
+    defaults = global_args(text)
+    for instruction in instructions(text):
+        if instruction.keyword == "ARG" and not result:
+            continue
+        if instruction.keyword == "FROM":
+            args = re.sub(
+                r"\$\{(\w+)\}|\$(\w+)", lambda m: defaults[m[1] or m[2]], instruction.args
+            )
+            words = args.split()
             name = words[2] if len(words) == 3 and words[1].upper() == "AS" else None
             result.append(Stage(base=words[0], name=name))
         else:
@@ -140,6 +159,15 @@ def test_parser_joins_continuations_and_skips_comments() -> None:
 def test_two_stages_on_slim_python(built: list[Stage]) -> None:
     assert len(built) >= 2
     assert all(stage.base == "python:3.12-slim" for stage in built)
+
+
+def test_the_base_is_one_build_argument() -> None:
+    """The node tests build from a local base (``--build-arg BASE=...``, tests/node/images.sh): both
+    stages must take it, and a plain build the public image."""
+    text = (ROOT / "Containerfile").read_text()
+    assert global_args(text) == {"BASE": "python:3.12-slim"}
+    bases = [i.args.split()[0] for i in instructions(text) if i.keyword == "FROM"]
+    assert bases == ["${BASE}"] * len(bases)
 
 
 def test_runtime_installs_the_wheel_the_builder_made(builder: Stage, runtime: Stage) -> None:

@@ -40,7 +40,7 @@ if [ -n "${RELOADER_TESTENV_BIN:-}" ]; then
   exit 0
 fi
 
-if is_built; then
+if is_built && [ "${1:-}" != node ]; then
   log "binaries for Kubernetes v$K8S_VERSION and etcd $ETCD_VERSION already in $OUT"
   echo "$OUT"
   exit 0
@@ -107,8 +107,56 @@ GO
   go build -trimpath -ldflags "-s -w" -o "$OUT/etcd" go.etcd.io/etcd/server/v3
 }
 
-(build_etcd)
-(build_kubernetes)
-is_built || { log "built binaries do not report the expected versions"; exit 1; }
+# `build.sh node`: what a node needs as well: kubelet, kube-proxy and kube-scheduler (tests/node). Built
+# apart from the control plane so that machines without the node never pay for them. Same wrapper
+# module and version stamps; kubelet v1.37 is within the skew policy of a v1.37 apiserver.
+node_is_built() {
+  [ -x "$OUT/kubelet" ] && [ -x "$OUT/kube-proxy" ] && [ -x "$OUT/kube-scheduler" ] \
+    && "$OUT/kubelet" --version 2>/dev/null | grep -x "Kubernetes v$K8S_VERSION" >/dev/null \
+    && "$OUT/kube-proxy" --version 2>/dev/null | grep -x "Kubernetes v$K8S_VERSION" >/dev/null \
+    && "$OUT/kube-scheduler" --version 2>/dev/null | grep -x "Kubernetes v$K8S_VERSION" >/dev/null
+}
+
+build_node() {
+  local dir="$WORK/k8s-node"
+  mkdir -p "$dir" && cd "$dir"
+  go mod init local/reloader-k8s-node-binaries >/dev/null 2>&1
+  local gomod module
+  gomod="$(go mod download -json "k8s.io/kubernetes@v$K8S_VERSION" \
+    | python3 -c 'import json,sys; print(json.load(sys.stdin)["GoMod"])')"
+  for module in $(awk '$1 ~ /^k8s\.io\// && $2 == "v0.0.0" {print $1}' "$gomod" | sort -u); do
+    go mod edit -replace="$module=$module@$STAGING_VERSION"
+  done
+  go mod edit -require="k8s.io/kubernetes@v$K8S_VERSION"
+  cat > tools.go <<GO
+//go:build tools
+
+package tools
+
+import (
+	_ "k8s.io/kubernetes/cmd/kube-proxy"
+	_ "k8s.io/kubernetes/cmd/kube-scheduler"
+	_ "k8s.io/kubernetes/cmd/kubelet"
+)
+GO
+  log "resolving k8s.io/kubernetes v$K8S_VERSION modules for the node"
+  go mod tidy -e >/dev/null 2>"$WORK/tidy-node.log" || { cat "$WORK/tidy-node.log" >&2; exit 1; }
+  local ldflags="-s -w" stamp="k8s.io/component-base/version"
+  ldflags="$ldflags -X $stamp.gitVersion=v$K8S_VERSION -X $stamp.gitMajor=1 -X $stamp.gitMinor=$MINOR"
+  ldflags="$ldflags -X $stamp.gitTreeState=clean -X $stamp.buildDate=1970-01-01T00:00:00Z"
+  log "building kubelet, kube-proxy and kube-scheduler (a cold build takes 5-10 minutes)"
+  go build -trimpath -ldflags "$ldflags" -o "$OUT/" \
+    k8s.io/kubernetes/cmd/kubelet k8s.io/kubernetes/cmd/kube-proxy k8s.io/kubernetes/cmd/kube-scheduler
+}
+
+if ! is_built; then
+  (build_etcd)
+  (build_kubernetes)
+  is_built || { log "built binaries do not report the expected versions"; exit 1; }
+fi
+if [ "${1:-}" = node ] && ! node_is_built; then
+  (build_node)
+  node_is_built || { log "built node binaries do not report the expected versions"; exit 1; }
+fi
 log "done: $OUT"
 echo "$OUT"

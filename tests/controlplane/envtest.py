@@ -230,6 +230,15 @@ class ControlPlane:
     """Write an audit log of ``AUDITED_GROUP``'s requests (``audit_events``). It costs nothing
     for other users, so it is on by default; it is left out when ``extra_apiserver_args`` bring
     an audit policy of their own."""
+    controllers: str = CONTROLLERS
+    """The kube-controller-manager's ``--controllers``; a node adds the ones Pods and Services need
+    (``tests/node``)."""
+    service_account_admission: bool = False
+    """Whether Pods get their ServiceAccount token volume: off for out-of-cluster tests (no
+    ServiceAccount controller needed), on for a control plane with a node."""
+    serving_ips: Sequence[str] = ()
+    """More IP addresses for the serving certificate than 127.0.0.1: the ``kubernetes`` Service's
+    ClusterIP and the address Pods reach the apiserver at, when a node runs Pods."""
 
     def __post_init__(self) -> None:
         self.etcd_port, self.etcd_peer_port = free_port(), free_port()
@@ -252,7 +261,16 @@ class ControlPlane:
         return self.work_dir / name
 
     def _write_credentials(self) -> None:
-        serving = self.ca.issue("localhost", server_names=["localhost"], server_ips=["127.0.0.1"])
+        serving = self.ca.issue(
+            "localhost",
+            server_names=[
+                "localhost",
+                "kubernetes",
+                "kubernetes.default",
+                "kubernetes.default.svc",
+            ],
+            server_ips=["127.0.0.1", *self.serving_ips],
+        )
         self._path("ca.crt").write_bytes(self.ca.cert_pem)
         self._path("apiserver.crt").write_bytes(serving.cert_pem)
         self._path("apiserver.key").write_bytes(serving.key_pem)
@@ -356,7 +374,7 @@ class ControlPlane:
             "--endpoint-reconciler-type=none",
             "--service-cluster-ip-range=10.0.0.0/24",
             "--allow-privileged=true",
-            "--disable-admission-plugins=ServiceAccount",
+            *self._admission_args(),
             "--authorization-mode=RBAC",
             f"--service-account-issuer={self.url}",
             f"--service-account-key-file={self._path('sa.pub')}",
@@ -367,6 +385,11 @@ class ControlPlane:
         ]
         return _Process("kube-apiserver", argv, self._path("kube-apiserver.log"))
 
+    def _admission_args(self) -> list[str]:
+        if self.service_account_admission:
+            return []
+        return ["--disable-admission-plugins=ServiceAccount"]
+
     def _controller_manager(self) -> _Process:
         argv = [
             str(self.bin_dir / "kube-controller-manager"),
@@ -374,7 +397,7 @@ class ControlPlane:
             "--bind-address=127.0.0.1",
             f"--secure-port={free_port()}",
             "--leader-elect=false",
-            f"--controllers={CONTROLLERS}",
+            f"--controllers={self.controllers}",
             f"--root-ca-file={self._path('ca.crt')}",
             f"--service-account-private-key-file={self._path('sa.key')}",
             "--kube-api-qps=200",

@@ -1,0 +1,3 @@
+module local/reloader-test-pause
+
+go 1.22
