@@ -12,6 +12,10 @@ The semantics are those of Stakater's ``ShouldReload`` (notes §1.2), **per conf
   template instead. So ``secret.reloader.stakater.com/reload`` on the metadata hides a template
   ``auto`` for Secrets but not for ConfigMaps: odd, but it is what Stakater does.
 - The pause period and the rollout strategy come from workload metadata only.
+- A SecretProviderClass (CSI, ``--enable-csi-integration``) is a third kind with the same rules
+  and its own keys: ``secretproviderclass.reloader.stakater.com/auto`` and ``…/reload``,
+  ``secretproviderclasses.exclude.reloader.stakater.com/reload``; ``reloader.stakater.com/auto``
+  covers it too, as in Stakater. Stakater has no flags to rename these keys.
 - Exclude lists on the metadata always apply. An exclude list on the pod template applies when the
   template is where that kind's keys are read from (none of the four on the metadata), added to
   the metadata's. Stakater reads exclude lists from the metadata only, but its own e2e suite
@@ -56,7 +60,7 @@ from typing import Any, Literal
 
 import re2  # type: ignore[import-untyped]  # google-re2 ships no type information
 
-from reloader.model import CONFIG_KINDS, ConfigKind
+from reloader.model import CONFIG_KINDS, SPC, ConfigKind
 
 RolloutStrategy = Literal["rollout", "restart"]
 
@@ -93,6 +97,9 @@ class AnnotationNames:
     ignore: str = "reloader.stakater.com/ignore"
     configmaps_exclude: str = "configmaps.exclude.reloader.stakater.com/reload"
     secrets_exclude: str = "secrets.exclude.reloader.stakater.com/reload"
+    spc_auto: str = "secretproviderclass.reloader.stakater.com/auto"
+    spc_reload: str = "secretproviderclass.reloader.stakater.com/reload"
+    spcs_exclude: str = "secretproviderclasses.exclude.reloader.stakater.com/reload"
     pause_period: str = "deployment.reloader.stakater.com/pause-period"
     paused_at: str = "deployment.reloader.stakater.com/paused-at"
     rollout_strategy: str = "reloader.stakater.com/rollout-strategy"
@@ -200,18 +207,22 @@ class Policy:
 
     configmaps: KindRules = field(default_factory=KindRules)
     secrets: KindRules = field(default_factory=KindRules)
+    secretproviderclasses: KindRules = field(default_factory=KindRules)
+    """Only read with ``--enable-csi-integration`` (without it no CSI volume is a reference)."""
     pause_period: float | None = None
     """Seconds, from ``pause-period``; meaningful for Deployments only."""
     rollout_strategy: RolloutStrategy = "rollout"
     """From ``rollout-strategy``; meaningful for Argo Rollouts only."""
 
     def rules(self, kind: ConfigKind) -> KindRules:
+        if kind == SPC:
+            return self.secretproviderclasses
         return self.configmaps if kind == "ConfigMap" else self.secrets
 
     @property
     def opted_in(self) -> bool:
         """Whether any config could make this workload restart; if not, nothing is indexed."""
-        return self.configmaps.active or self.secrets.active
+        return self.configmaps.active or self.secrets.active or self.secretproviderclasses.active
 
     def wants(self, kind: ConfigKind, name: str, *, referenced: bool, match: bool) -> bool:
         """Stakater's decision for one config (steps 4 to 7 of §1.2).
@@ -245,6 +256,8 @@ class _KindKeys:
 def _kind_keys(kind: ConfigKind, names: AnnotationNames) -> _KindKeys:
     if kind == "ConfigMap":
         return _KindKeys(names.configmap_reload, names.configmap_auto, names.configmaps_exclude)
+    if kind == SPC:
+        return _KindKeys(names.spc_reload, names.spc_auto, names.spcs_exclude)
     return _KindKeys(names.secret_reload, names.secret_auto, names.secrets_exclude)
 
 
@@ -259,15 +272,16 @@ def parse_policy(
     meta = _strings(workload_annotations)
     template = _strings(template_annotations)
     problems: set[Problem] = set()
-    configmaps, secrets = (
+    configmaps, secrets, spcs = (
         _kind_rules(
             kind, meta, template, names=names, auto_reload_all=auto_reload_all, problems=problems
         )
-        for kind in CONFIG_KINDS
+        for kind in (*CONFIG_KINDS, SPC)
     )
     policy = Policy(
         configmaps=configmaps,
         secrets=secrets,
+        secretproviderclasses=spcs,
         pause_period=_pause_period(meta, names.pause_period, problems),
         rollout_strategy=_rollout_strategy(meta, names.rollout_strategy, problems),
     )

@@ -36,6 +36,7 @@ from reloader.events import EventRecorder
 from reloader.http import build_app, serve
 from reloader.index import ReferenceIndex
 from reloader.kube import Api, ApiConflict, ApiError, ApiForbidden, ApiNotFound, connect
+from reloader.leader import LeaderElector, LeaseTimings
 from reloader.metrics import Metrics, Sources
 from reloader.model import (
     CONFIG_KINDS,
@@ -230,10 +231,18 @@ class Controller:
     """Informers → index → queue → workers, for one API connection."""
 
     def __init__(
-        self, *, settings: Settings, api: Api, digest_key: DigestKey, metrics: Metrics | None = None
+        self,
+        *,
+        settings: Settings,
+        api: Api,
+        digest_key: DigestKey,
+        metrics: Metrics | None = None,
+        leader: LeaderElector | None = None,
     ) -> None:
         self.settings = settings
         self.api = api
+        self.leader = leader
+        """With ``--enable-ha``: workers run, and writes go out, only while this holds the Lease."""
         self.digest_key = digest_key
         self.metrics = metrics or Metrics(by_namespace=settings.metrics_count_by_namespace)
         self.index = ReferenceIndex()
@@ -284,6 +293,11 @@ class Controller:
             changed_since=self._changed_since.get,
             in_scope=self._namespace_selected,
             notifier=self.notifier,
+            may_write=self.may_write,
+        )
+        identity = leader.identity if leader is not None else settings.identity
+        self.metrics.is_leader.labels(identity=identity).set_function(
+            lambda: float(self.may_write())
         )
         self.metrics.attach(
             Sources(
@@ -420,7 +434,9 @@ class Controller:
                 watches = list(self._watches.values())
                 events = self.restarter.events
                 writer = group.create_task(events.run())
-                workers = group.create_task(self._work_when_synced())
+                workers = group.create_task(self._work_when_synced(stop))
+                leader = self.leader
+                electing = group.create_task(leader.run()) if leader is not None else None
                 notifier = self.notifier
                 senders = group.create_task(notifier.run()) if notifier is not None else None
                 await stop.wait()
@@ -431,6 +447,7 @@ class Controller:
                 if not self._working:
                     workers.cancel()
                 await asyncio.gather(workers, return_exceptions=True)
+                await self._step_down(electing)
                 await events.close(writer)  # the last restarts' Events, for a few seconds at most
                 if notifier is not None and senders is not None:
                     with contextlib.suppress(TimeoutError):
@@ -446,22 +463,73 @@ class Controller:
         for informer in self.informers:
             await informer.wait_synced()
 
-    async def _work_when_synced(self) -> None:
+    async def _work_when_synced(self, stop: asyncio.Event) -> None:
         await self.wait_synced()
         release_freed_memory()
+        if self.leader is None:
+            await self._work()
+            return
+        log.info("caches synced; standing by for the lease", extra={"lease": self.leader.name})
+        while await self._work_while_leading(self.leader):
+            if stop.is_set():  # lost during the shutdown's drain: nobody is left to drain it
+                await self.queue.shutdown(drain=False)
+                return
+
+    async def _work_while_leading(self, leader: LeaderElector) -> bool:
+        """One term: from winning the Lease to losing it (True) or to the queue's shutdown
+        (False). The caches stayed synced meanwhile, so the new leader acts at once; it looks at
+        every opted-in workload, since the old leader may have died with work undone (the records
+        say what was done, so nothing restarts twice)."""
+        await leader.wait_leading()
+        self._enqueue_opted_in()
+        async with asyncio.TaskGroup() as group:
+            work = group.create_task(self._work())
+            lost = group.create_task(leader.wait_lost())
+            await asyncio.wait({work, lost}, return_when=asyncio.FIRST_COMPLETED)
+            ended = work.done()
+            work.cancel()  # the term is over: in-flight writes stop here
+            lost.cancel()
+        return not ended
+
+    def _enqueue_opted_in(self) -> None:
+        """Every opted-in workload, without cutting short a debounce already running (as for
+        workload events): a config burst still gives one rollout."""
+        for informer in self.workloads.values():
+            for workload in informer.values():
+                if workload.policy.opted_in and self.queue.ready_at(workload.key) is None:
+                    self.queue.add(workload.key)
+
+    async def _work(self) -> None:
         await self._resume_pending_jobs()
         self._working = True
-        log.info("caches synced; starting workers", extra={"workers": self.settings.workers})
-        async with asyncio.TaskGroup() as group:
-            for _ in range(self.settings.workers):
-                group.create_task(
-                    run_worker(
-                        queue=self.queue,
-                        restarter=self.restarter,
-                        metrics=self.metrics,
-                        settled=self._settled,
+        log.info("starting workers", extra={"workers": self.settings.workers})
+        try:
+            async with asyncio.TaskGroup() as group:
+                for _ in range(self.settings.workers):
+                    group.create_task(
+                        run_worker(
+                            queue=self.queue,
+                            restarter=self.restarter,
+                            metrics=self.metrics,
+                            settled=self._settled,
+                        )
                     )
-                )
+        finally:
+            self._working = False
+
+    def may_write(self) -> bool:
+        """Whether this replica may write now: always without ``--enable-ha``; with it, only
+        within the term of the last Lease renewal (a clock check, so it is never late)."""
+        return self.leader is None or self.leader.leading
+
+    async def _step_down(self, electing: asyncio.Task[None] | None) -> None:
+        """After the workers have stopped: stop renewing and give the Lease up, so a standby
+        takes over at its next poll rather than a lease duration later."""
+        if self.leader is None or electing is None:
+            return
+        electing.cancel()
+        await asyncio.gather(electing, return_exceptions=True)
+        await self.leader.release()
 
     async def _resume_pending_jobs(self) -> None:
         """Queue the Jobs a previous run deleted and did not create again, before any other work.
@@ -523,6 +591,24 @@ def build_notifier(settings: Settings, metrics: Metrics) -> Notifier | None:
         timeout=settings.notify_timeout_seconds,
         webhook_slots=max(1, settings.workers - 1),
         count=lambda target, result: metrics.notifications.labels(target, result).inc(),
+    )
+
+
+def build_leader(api: Api, settings: Settings) -> LeaderElector | None:
+    """With ``--enable-ha``, this replica's candidacy for the Lease in the controller namespace."""
+    if not settings.enable_ha:
+        return None
+    timings = LeaseTimings(
+        lease_duration=settings.lease_duration_seconds,
+        renew_deadline=settings.renew_deadline_seconds,
+        retry_period=settings.retry_period_seconds,
+    )
+    return LeaderElector(
+        api=api,
+        namespace=settings.controller_namespace,
+        name=settings.lease_name,
+        identity=settings.identity,
+        timings=timings,
     )
 
 
@@ -597,7 +683,13 @@ async def run(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
         checking = wait_for_access(api, settings, keep_trying=in_a_pod(), waiting=probes.waiting)
         if not await _unless_stopped(checking, stop):
             return
-        controller = Controller(settings=settings, api=api, digest_key=digest_key, metrics=metrics)
+        controller = Controller(
+            settings=settings,
+            api=api,
+            digest_key=digest_key,
+            metrics=metrics,
+            leader=build_leader(api, settings),
+        )
         probes.controller = controller
         log.info(
             "reloader started",

@@ -22,6 +22,12 @@ Two pure steps:
    - entries for configs no longer depended on are dropped (record only);
    - otherwise nothing.
 
+A SecretProviderClass (CSI) is looked up per workload (``model.workload_config_name``): its digest
+is of the versions the workload's own newest pod holds (``csi.py``). While no pod of the workload
+reports the class it is no dependency at all, rather than a missing config: pods that start later
+mount the class as it is then, so their first report is recorded, never restarted for, even with
+reload-on-create; and scaling to zero prunes the entry instead of counting as a delete.
+
 Because the inputs are state, not events, replaying any of this (a controller restart, a relist, a
 retry) never restarts twice for one change: after the restart the record equals the desired state.
 """
@@ -33,7 +39,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from reloader.digests import ABSENT, DigestKey, Recorded, reference_digest
-from reloader.model import CONFIG_KINDS, ConfigKey, ConfigKind
+from reloader.model import CONFIG_KINDS, SPC, ConfigKey, ConfigKind, workload_config_name
 from reloader.snapshots import ConfigSnapshot, WorkloadSnapshot
 
 
@@ -63,7 +69,12 @@ def _referenced(
     for ref in workload.references:
         if ref.kind not in configs:
             continue  # a kind the controller does not watch (--resources-to-ignore)
-        snapshot = configs[ref.kind].get(ref.name)
+        if ref.kind == SPC:
+            snapshot = configs[SPC].get(workload_config_name(ref.name, workload.key))
+            if snapshot is None:
+                continue  # no pod of this workload reports the class yet (module docstring)
+        else:
+            snapshot = configs[ref.kind].get(ref.name)
         if snapshot is not None and snapshot.ignore:
             continue
         match = snapshot.match if snapshot is not None else False

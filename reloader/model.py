@@ -11,8 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal, NotRequired, TypedDict
 
-ConfigKind = Literal["ConfigMap", "Secret"]
+ConfigKind = Literal["ConfigMap", "Secret", "SecretProviderClass"]
 CONFIG_KINDS: tuple[ConfigKind, ...] = ("ConfigMap", "Secret")
+"""The kinds with data of their own, each watched by an informer. A ``SecretProviderClass`` (CSI
+secrets store, ``--enable-csi-integration``) is a config too, but what its pods hold is read from
+their ``SecretProviderClassPodStatus`` objects, per workload (``csi.py``)."""
+SPC: ConfigKind = "SecretProviderClass"
+
 
 WorkloadKindName = Literal["Deployment", "StatefulSet", "DaemonSet", "CronJob", "Job", "Rollout"]
 
@@ -56,6 +61,13 @@ class WorkloadKey:
         return f"{self.kind}/{self.namespace}/{self.name}"
 
 
+def workload_config_name(spc: str, workload: WorkloadKey) -> str:
+    """The name under which one workload's view of a SecretProviderClass is kept (``csi.py``) and
+    looked up (``decide.py``). Two workloads' pods may hold different versions of one class, so
+    the view is per workload; no config name can contain ``@``."""
+    return f"{spc}@{workload.kind}/{workload.name}"
+
+
 @dataclass(frozen=True, slots=True)
 class ConfigRef:
     """A pod spec's use of one config.
@@ -95,6 +107,7 @@ class RawObject(TypedDict, total=False):
     kind: str
     metadata: RawMetadata
     spec: dict[str, Any]
+    status: dict[str, Any]
     data: dict[str, str]
     binaryData: dict[str, str]
     stringData: dict[str, str]

@@ -26,6 +26,10 @@ Where each need comes from:
     env-vars restart.
 ``namespace-selector``
     ``--namespace-selector``: ``app.Controller._namespace_informer`` lists and watches Namespaces.
+``csi``
+    ``--enable-csi-integration``: ``csi.PodStatuses`` lists and watches
+    SecretProviderClassPodStatuses, and finds each one's workload with a ``get`` of its Pod and
+    of the Pod's ReplicaSet or Job (no Pod informer: see ``csi.py``).
 ``digest-key``
     ``app._read_or_create_key`` reads the key Secret by name and ``app._create_key`` creates it
     when missing, in the controller's own namespace only. RBAC cannot restrict ``create`` to a
@@ -44,6 +48,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
+from reloader.csi import POD_STATUSES, PODS, REPLICA_SETS
 from reloader.model import CONFIGMAPS, EVENTS, KINDS, NAMESPACES, SECRETS, Resource
 
 KEY_SECRET = "reloader-hash-key"
@@ -70,6 +75,7 @@ Feature = Literal[
     "cronjobs-and-jobs",
     "argo-rollouts",
     "namespace-selector",
+    "csi",
     "digest-key",
     "pending-jobs",
 ]
@@ -104,6 +110,12 @@ NEEDS: Mapping[Feature, frozenset[Permission]] = {
     ),
     "argo-rollouts": _grant(_ROLLOUT, (*_WATCH, "get", "patch")),
     "namespace-selector": _grant(NAMESPACES, _WATCH),
+    "csi": frozenset().union(
+        _grant(POD_STATUSES, _WATCH),
+        _grant(PODS, ("get",)),
+        _grant(REPLICA_SETS, ("get",)),
+        _grant(_JOB, ("get",)),
+    ),
     "digest-key": _grant(SECRETS, ("get",), name=KEY_SECRET) | _grant(SECRETS, ("create",)),
     "pending-jobs": _grant(CONFIGMAPS, ("create", "list", "delete")),
 }
@@ -113,11 +125,12 @@ CLUSTER_ROLE: tuple[Feature, ...] = (
     "cronjobs-and-jobs",
     "argo-rollouts",
     "namespace-selector",
+    "csi",
 )
 """What the cluster-wide ClusterRole grants: every optional feature, so enabling a flag never needs
 an RBAC edit (a grant on a resource the cluster does not serve, like Rollouts, is inert)."""
 
-NAMESPACED_ROLE: tuple[Feature, ...] = ("always", "cronjobs-and-jobs", "argo-rollouts")
+NAMESPACED_ROLE: tuple[Feature, ...] = ("always", "cronjobs-and-jobs", "argo-rollouts", "csi")
 """The single-namespace Role: the same, less Namespaces (cluster-scoped, and the selector is a
 cluster-wide flag)."""
 

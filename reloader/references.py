@@ -13,8 +13,12 @@ Found, in ``containers`` and ``initContainers``: ``env[].valueFrom.configMapKeyR
 containers (init or not) that mount it. A volume nobody mounts is still a reference with no
 containers: it is in the pod spec, and the kubelet fetches it for every pod.
 
+With ``csi=True`` (``--enable-csi-integration``), a ``csi`` volume whose
+``volumeAttributes.secretProviderClass`` names a class is a reference to that SecretProviderClass
+(whole object, as Stakater matches it, whatever the driver); without it, it is no reference at all.
+
 Deliberately not detected, as in Stakater: ``imagePullSecrets`` (used only to pull images),
-``csi`` volumes (the CSI secrets store and ``nodePublishSecretRef``), service-account token
+a ``csi`` volume's ``nodePublishSecretRef``, service-account token
 secrets, the credentials of other volume plugins (``cephfs``, ``rbd``, ``azureFile``,
 ``flexVolume``…), ``ephemeralContainers``, and references from other objects (Ingress TLS…).
 
@@ -27,7 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
 
-from reloader.model import ConfigKind, ConfigRef
+from reloader.model import SPC, ConfigKind, ConfigRef
 
 _Source = tuple[ConfigKind, str, frozenset[str] | None]
 """(kind, name, keys) named by one volume, before containers are attributed."""
@@ -50,8 +54,9 @@ _PROJECTED_SOURCES: tuple[tuple[str, ConfigKind], ...] = (
 )
 
 
-def find_references(pod_spec: Mapping[str, object]) -> frozenset[ConfigRef]:
-    """Every config the pod spec uses, merged to one reference per (kind, name)."""
+def find_references(pod_spec: Mapping[str, object], *, csi: bool = False) -> frozenset[ConfigRef]:
+    """Every config the pod spec uses, merged to one reference per (kind, name); SecretProvider
+    classes of CSI volumes too when ``csi``."""
     if not isinstance(pod_spec, Mapping):
         return frozenset()
     containers = [*_dicts(pod_spec.get("containers")), *_dicts(pod_spec.get("initContainers"))]
@@ -60,7 +65,15 @@ def find_references(pod_spec: Mapping[str, object]) -> frozenset[ConfigRef]:
     for volume in _dicts(pod_spec.get("volumes")):
         users = frozenset(mounted_by.get(_text(volume.get("name")) or "", ()))
         uses.extend(ConfigRef(kind, name, keys, users) for kind, name, keys in _sources(volume))
+        if csi and (spc := _provider_class(volume)):
+            uses.append(ConfigRef(SPC, spc, None, users))
     return _merge(uses)
+
+
+def _provider_class(volume: Mapping[str, object]) -> str | None:
+    """The SecretProviderClass a CSI volume mounts (Secrets Store CSI driver), if any."""
+    attributes = _mapping(_mapping(volume.get("csi")).get("volumeAttributes"))
+    return _text(attributes.get("secretProviderClass"))
 
 
 def _container_uses(container: Mapping[str, object]) -> Iterator[ConfigRef]:

@@ -41,6 +41,7 @@ from reloader.kube import (
     ApiForbidden,
     ApiInvalid,
     ApiNotFound,
+    ApiUnavailable,
     PatchType,
 )
 from reloader.metrics import Metrics
@@ -133,8 +134,12 @@ class Restarter:
         in_scope: Callable[[str], bool] = lambda namespace: True,
         clock: Callable[[], float] = time.time,
         notifier: Notifier | None = None,
+        may_write: Callable[[], bool] = lambda: True,
     ) -> None:
         self._api = api
+        self._may_write = may_write
+        """False while another replica leads (``--enable-ha``): checked before deciding and
+        before every patch, so a replica that lost the Lease writes nothing more."""
         self._notifier = notifier
         self._workloads = workloads
         self._configs = configs
@@ -183,6 +188,7 @@ class Restarter:
         return informer.get(key.namespace, key.name) if informer is not None else None
 
     async def sync(self, key: WorkloadKey) -> Outcome:
+        self._check_may_write(key)
         if key in self._unborn_jobs:
             await self._create_job(key, self._unborn_jobs[key])
             return Outcome("restart")
@@ -240,6 +246,13 @@ class Restarter:
         notifier = self._notifier
         return notifier is not None and notifier.webhook_mode and notifier.webhook_saturated()
 
+    def _check_may_write(self, key: WorkloadKey, decision: Decision | None = None) -> None:
+        """Raise a retryable failure when this replica is not the leader: the key stays queued
+        and the new term (or the new leader, which looks at every workload) decides it."""
+        if not self._may_write():
+            error = ApiUnavailable(0, "NotLeader", "this replica does not hold the leader lease")
+            raise RestartFailed(key, decision or Decision("nothing", None, (), "not leader"), error)
+
     # --- pause period (Deployments) -------------------------------------------------------------
 
     def _pause_remaining(self, workload: WorkloadSnapshot) -> float | None:
@@ -284,6 +297,7 @@ class Restarter:
         kind = KINDS[key.kind]
         path = kind.resource.object_path(key.namespace, key.name)
         patch_type: PatchType = "strategic" if kind.strategic_merge else "merge"
+        self._check_may_write(key, decision)
         try:
             await self._api.patch(path, patch, patch_type=patch_type)
         except ApiError as error:

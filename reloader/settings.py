@@ -213,6 +213,14 @@ class Settings(BaseSettings):
         default=False,
         **_flag("--is-Argo-Rollouts", "Also watch and restart Argo Rollouts (if the CRD exists)."),
     )
+    enable_csi_integration: bool = Field(
+        default=False,
+        **_flag(
+            "--enable-csi-integration",
+            "Also reload on Secrets Store CSI driver rotations: watch SecretProviderClassPodStatus "
+            "(if the CRD exists) for workloads that mount a SecretProviderClass.",
+        ),
+    )
     pause_deployment_annotation: str = Field(
         default=DEFAULT_NAMES.pause_period,
         **_flag("--pause-deployment-annotation", "Rename the pause-period annotation."),

@@ -52,7 +52,7 @@ from reloader.model import (
 )
 from reloader.references import find_references
 
-_OUR_ENV = re.compile(r"STAKATER_.+_(CONFIGMAP|SECRET)")
+_OUR_ENV = re.compile(r"STAKATER_.+_(CONFIGMAP|SECRET|SECRETPROVIDERCLASS)")
 """Env vars the env-vars strategy sets (ours or Stakater's): a restart, not a template edit."""
 _GENERATED_LABELS = frozenset(
     {
@@ -114,6 +114,8 @@ class SnapshotContext:
     digest_key: DigestKey
     names: AnnotationNames
     auto_reload_all: bool
+    csi: bool = False
+    """``--enable-csi-integration``: CSI volumes reference their SecretProviderClass."""
 
 
 def _annotations(obj: Mapping[str, object]) -> Mapping[str, str]:
@@ -302,7 +304,9 @@ def workload_snapshot(
     spec = obj.get("spec")
     return WorkloadSnapshot(
         key=WorkloadKey(kind.name, metadata.get("namespace", ""), metadata.get("name", "")),
-        references=find_references(pod_spec or {}) if policy.opted_in else frozenset(),
+        references=(
+            find_references(pod_spec or {}, csi=context.csi) if policy.opted_in else frozenset()
+        ),
         policy=policy,
         problems=problems,
         recorded=recorded,
