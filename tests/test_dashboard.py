@@ -2,10 +2,11 @@
 
 A dashboard panel whose metric was renamed or never existed draws "No data" forever and nobody
 notices, so every PromQL expression in ``dashboards/reloader.json`` (panels and template
-variables) and in the alert rules of ``docs/metrics.md`` is checked against the ``/metrics`` page
-of a controller running against the API server, after it has restarted a workload. Names are read
-from the page's ``# TYPE`` lines and samples, so a labelled metric nothing has touched yet still
-counts, and a histogram's ``_bucket``, ``_sum`` and ``_count`` series map to its family.
+variables), and in the alert rules and example queries of ``docs/metrics.md``, is checked against
+the ``/metrics`` page of a controller running against the API server, after it has restarted a
+workload. Names are read from the page's ``# TYPE`` lines and samples, so a labelled metric nothing
+has touched yet still counts, and a histogram's ``_bucket``, ``_sum`` and ``_count`` series map to
+its family.
 """
 
 from __future__ import annotations
@@ -182,6 +183,14 @@ def alert_expressions() -> list[tuple[str, str]]:
     return found
 
 
+def doc_queries() -> list[str]:
+    """Each query line of the ``promql`` blocks of docs/metrics.md (comments skipped)."""
+    text = METRICS_DOC.read_text()
+    blocks = re.findall(r"^```promql\n(.*?)^```", text, re.MULTILINE | re.DOTALL)
+    lines = (line.strip() for block in blocks for line in block.splitlines())
+    return [line for line in lines if line and not line.startswith("#")]
+
+
 def test_metrics_doc_has_the_alerts_the_issue_asks_for() -> None:
     names = " ".join(expr for _, expr in alert_expressions())
     for metric in (
@@ -227,7 +236,7 @@ def test_series_names_map_histograms_to_their_series() -> None:
 
 async def scrape_after_a_restart(scene: Cluster) -> str:
     """A controller that has restarted one Deployment for a Secret rotation, scraped over HTTP
-    exactly as Prometheus would (``METRICS_COUNT_BY_NAMESPACE`` on, so every family is there)."""
+    exactly as Prometheus would (``--metrics-count-by-namespace`` on, so every family is there)."""
     await scene.create_secret("db", {"password": "one"})
     env = [{"name": "P", "valueFrom": {"secretKeyRef": {"name": "db", "key": "password"}}}]
     annotations = {"reloader.stakater.com/auto": "true"}
@@ -273,8 +282,9 @@ async def test_every_expression_names_a_metric_the_controller_serves(scene: Clus
         ),
         *(("variable " + n, q, variable_metric_names(q)) for n, q in variable_queries(document)),
         *(("alert " + name, expr, metric_names(expr)) for name, expr in alert_expressions()),
+        *(("query in metrics.md", expr, metric_names(expr)) for expr in doc_queries()),
     ]
-    assert queries
+    assert len([q for q in queries if q[0] == "query in metrics.md"]) >= 4
     unknown = [(where, sorted(names - served)) for where, _, names in queries if names - served]
     assert not unknown, f"expressions name metrics /metrics does not serve: {unknown}"
     assert all(names for _, _, names in queries), "an expression selects no metric at all"
