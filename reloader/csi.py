@@ -255,14 +255,6 @@ class PodStatuses:
             self._placed.clear()
             await self._placed.wait()
 
-    def statistics(self) -> dict[str, int]:
-        return {
-            "statuses": len(self.informer),
-            "resolved": len(self._owner_of),
-            "pending": len(self._queued),
-            "cached_owners": len(self._owners),
-        }
-
     # --- events ------------------------------------------------------------------------------
 
     def _on_status(self, old: PodStatus | None, new: PodStatus | None) -> None:

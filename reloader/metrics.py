@@ -11,7 +11,7 @@ import collections
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -157,6 +157,13 @@ class Metrics:
             "Webhook (--webhook-url) and alert POSTs, by target and result (sent, failed, "
             "dropped: the alert queue was full). No label names a URL.",
             ["target", "result"],
+            registry=r,
+        )
+        self.is_leader = Gauge(
+            "reloader_is_leader",
+            "1 while this replica may write (it holds the leader Lease, or --enable-ha is off), "
+            "else 0; identity is its name in the Lease.",
+            ["identity"],
             registry=r,
         )
         self.retries = Counter("reloader_retries", "Writes retried through the queue.", registry=r)

@@ -40,6 +40,11 @@ Where each need comes from:
     ``Restarter._drop_pending`` deletes it once the new Job exists;
     ``Restarter.resume_pending_jobs`` lists them at start-up. In the controller's own namespace
     only, so in the same Role.
+``leader-election``
+    ``--enable-ha``: ``leader.LeaderElector`` reads the Lease by name, creates it when missing and
+    replaces it (``update``, with the ``resourceVersion`` it read) to acquire, renew and release
+    it; client-go's verbs, so Stakater's chart grants them too. In the controller's own
+    namespace, in the same Role.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from reloader.csi import POD_STATUSES, PODS, REPLICA_SETS
+from reloader.leader import LEASE_NAME, LEASES
 from reloader.model import CONFIGMAPS, EVENTS, KINDS, NAMESPACES, SECRETS, Resource
 
 KEY_SECRET = "reloader-hash-key"
@@ -78,6 +84,7 @@ Feature = Literal[
     "csi",
     "digest-key",
     "pending-jobs",
+    "leader-election",
 ]
 
 
@@ -118,6 +125,8 @@ NEEDS: Mapping[Feature, frozenset[Permission]] = {
     ),
     "digest-key": _grant(SECRETS, ("get",), name=KEY_SECRET) | _grant(SECRETS, ("create",)),
     "pending-jobs": _grant(CONFIGMAPS, ("create", "list", "delete")),
+    "leader-election": _grant(LEASES, ("get", "update"), name=LEASE_NAME)
+    | _grant(LEASES, ("create",)),
 }
 
 CLUSTER_ROLE: tuple[Feature, ...] = (
@@ -134,9 +143,10 @@ NAMESPACED_ROLE: tuple[Feature, ...] = ("always", "cronjobs-and-jobs", "argo-rol
 """The single-namespace Role: the same, less Namespaces (cluster-scoped, and the selector is a
 cluster-wide flag)."""
 
-KEY_ROLE: tuple[Feature, ...] = ("digest-key", "pending-jobs")
-"""The Role in the controller's own namespace, in both installs: the digest key Secret and the
-copies of Jobs being re-created (its name, ``reloader-hash-key``, predates the second)."""
+KEY_ROLE: tuple[Feature, ...] = ("digest-key", "pending-jobs", "leader-election")
+"""The Role in the controller's own namespace, in both installs: the digest key Secret, the
+copies of Jobs being re-created and the leader Lease (its name, ``reloader-hash-key``, predates
+the second)."""
 
 
 def needed(features: Iterable[Feature]) -> frozenset[Permission]:

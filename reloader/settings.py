@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import socket
 import sys
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal
@@ -241,9 +242,26 @@ class Settings(BaseSettings):
         default=False,
         **_flag(
             "--enable-ha",
-            "Accepted for Stakater compatibility; leader election is not implemented yet, so "
-            "run one replica (a warning is logged).",
+            "Leader election on a Lease in the controller namespace: run several replicas, one "
+            "writes, the others stand by with warm caches.",
         ),
+    )
+    leader_identity: str = Field(
+        default_factory=lambda: os.environ.get("POD_NAME", ""),
+        description="This replica's name in the Lease (POD_NAME in a pod); empty: host_pid.",
+    )
+    lease_name: str = Field(
+        default="stakater-reloader-lock",
+        description="The leader Lease's name (Stakater's), in the controller namespace.",
+    )
+    lease_duration_seconds: float = Field(
+        default=15.0, ge=1, le=3600, description="How long standbys wait on an unrenewed Lease."
+    )
+    renew_deadline_seconds: float = Field(
+        default=10.0, gt=0, description="A leader unable to renew this long stops writing."
+    )
+    retry_period_seconds: float = Field(
+        default=2.0, gt=0, description="Between two Lease renewals, or two attempts to acquire."
     )
     enable_pprof: bool = Field(
         default=False,
@@ -389,10 +407,24 @@ class Settings(BaseSettings):
             object.__setattr__(self, "namespaces", [single])
         return self
 
+    @model_validator(mode="after")
+    def _lease_timings_leave_a_margin(self) -> Settings:
+        """The safety of a takeover rests on these inequalities (``leader.py``)."""
+        if not self.retry_period_seconds < self.renew_deadline_seconds:
+            raise ValueError("retry-period-seconds must be less than renew-deadline-seconds")
+        if not self.renew_deadline_seconds < self.lease_duration_seconds:
+            raise ValueError("renew-deadline-seconds must be less than lease-duration-seconds")
+        return self
+
     def ignored_compatibility_flags(self) -> list[str]:
         """Stakater flags that are accepted so existing installs start, but do nothing here."""
-        ignored = {"--enable-ha": self.enable_ha, "--enable-pprof": self.enable_pprof}
+        ignored = {"--enable-pprof": self.enable_pprof}
         return [flag for flag, given in ignored.items() if given]
+
+    @property
+    def identity(self) -> str:
+        """This replica's name in the leader Lease: unique per process even without POD_NAME."""
+        return self.leader_identity or f"{socket.gethostname()}_{os.getpid()}"
 
     @property
     def cluster_wide(self) -> bool:
