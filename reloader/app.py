@@ -26,11 +26,12 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from reloader import access, logs, metainfo
+from reloader.csi import PodStatuses
 from reloader.digests import DigestKey
 from reloader.events import EventRecorder
 from reloader.http import build_app, serve
@@ -44,6 +45,8 @@ from reloader.model import (
     KINDS,
     NAMESPACES,
     SECRETS,
+    SPC,
+    ConfigKey,
     ConfigKind,
     WorkloadKey,
     WorkloadKind,
@@ -256,6 +259,7 @@ class Controller:
             digest_key=digest_key,
             names=settings.annotation_names(),
             auto_reload_all=settings.auto_reload_all,
+            csi=settings.enable_csi_integration,
         )
         self.configs = {
             kind: self._config_informer(kind, context)
@@ -268,11 +272,12 @@ class Controller:
             if settings.watches_workload(kind)
         }
         self.namespaces = self._namespace_informer()
+        self.csi = self._pod_statuses(digest_key) if settings.enable_csi_integration else None
         self.notifier = build_notifier(settings, self.metrics)
         self.restarter = Restarter(
             api=api,
             workloads=self.workloads,
-            configs=self.configs,
+            configs=self._config_sources(),
             digest_key=digest_key,
             policy=RestartPolicy(
                 reload_on_create=settings.reload_on_create,
@@ -352,9 +357,34 @@ class Controller:
         informer.subscribe(self._on_namespace)
         return informer
 
+    def _pod_statuses(self, digest_key: DigestKey) -> PodStatuses:
+        """With ``--enable-csi-integration``: SecretProviderClassPodStatus → per-workload views
+        of each SecretProviderClass (``csi.py``); the CRD may be installed later."""
+        statuses = PodStatuses(
+            api=self.api,
+            digest_key=digest_key,
+            changed=self._on_provider_class,
+            namespaces=self.settings.namespaces or None,
+            namespace_filter=self._namespace_allowed,
+            stall_timeout=self.settings.stall_timeout_seconds,
+        )
+        plural = statuses.informer.resource.plural
+        statuses.informer.subscribe(
+            lambda old, new: self.metrics.count_event(old=old, new=new, resource_type=plural)
+        )
+        return statuses
+
+    def _config_sources(self) -> Mapping[ConfigKind, Informer[ConfigSnapshot]]:
+        """What the restarter reads configs from: the informers, and the CSI views, which offer
+        the one method it uses (``in_namespace``), per workload (``model.workload_config_name``)."""
+        if self.csi is None:
+            return self.configs
+        return {**self.configs, SPC: cast(Informer[ConfigSnapshot], self.csi)}
+
     @property
     def informers(self) -> list[Informer[Any]]:
-        extra = [self.namespaces] if self.namespaces is not None else []
+        extra: list[Informer[Any]] = [self.namespaces] if self.namespaces is not None else []
+        extra += [self.csi.informer] if self.csi is not None else []
         return [*self.configs.values(), *self.workloads.values(), *extra]
 
     def _namespace_allowed(self, namespace: str) -> bool:
@@ -378,6 +408,12 @@ class Controller:
             resource = CONFIG_RESOURCES[current.kind].plural
             self.metrics.count_event(old=old, new=new, resource_type=resource)
         self._enqueue(self.index.config_changed(old, new))
+
+    def _on_provider_class(self, workload: WorkloadKey, config: ConfigKey) -> None:
+        """One workload's view of a SecretProviderClass changed: look at it (after the debounce,
+        as for a config) if it depends on that class."""
+        if workload in self.index.dependents(config):
+            self._enqueue(frozenset({workload}))
 
     def _on_workload(self, old: WorkloadSnapshot | None, new: WorkloadSnapshot | None) -> None:
         # A workload change (often our own write coming back) needs no debounce, but must not cut
@@ -411,6 +447,8 @@ class Controller:
 
     def ready(self) -> tuple[bool, str]:
         waiting = [i.resource.plural for i in self.informers if not i.synced]
+        if self.csi is not None and self.csi.informer.synced and not self.csi.synced:
+            waiting.append("the workloads of secretproviderclasspodstatuses")
         return (not waiting, "ok" if not waiting else "waiting for " + ", ".join(waiting))
 
     def healthy(self) -> tuple[bool, str]:
@@ -431,6 +469,8 @@ class Controller:
                 self._watches = {
                     i.resource.plural: group.create_task(i.run()) for i in self.informers
                 }
+                if self.csi is not None:
+                    self._watches["csi-owners"] = group.create_task(self.csi.resolve())
                 watches = list(self._watches.values())
                 events = self.restarter.events
                 writer = group.create_task(events.run())
@@ -462,6 +502,8 @@ class Controller:
     async def wait_synced(self) -> None:
         for informer in self.informers:
             await informer.wait_synced()
+        if self.csi is not None:
+            await self.csi.wait_synced()
 
     async def _work_when_synced(self, stop: asyncio.Event) -> None:
         await self.wait_synced()
