@@ -138,5 +138,11 @@ def test_repeated_list_flags_add_up_and_selectors_keep_their_commas() -> None:
 
 
 def test_stakater_only_flags_are_accepted_and_reported_as_ignored() -> None:
-    settings = load_settings(["--enable-ha", "--sync-after-restart", "--pprof-addr=:6061"])
-    assert settings.ignored_compatibility_flags() == ["--enable-ha"]
+    settings = load_settings(["--enable-pprof", "--sync-after-restart", "--pprof-addr=:6061"])
+    assert settings.ignored_compatibility_flags() == ["--enable-pprof"]
+
+
+def test_enable_ha_is_a_real_flag_not_an_ignored_one() -> None:
+    settings = load_settings(["--enable-ha"])
+    assert settings.enable_ha
+    assert settings.ignored_compatibility_flags() == []
