@@ -294,7 +294,7 @@ class Controller:
             ),
             pending_jobs_namespace=settings.controller_namespace,
             metrics=self.metrics,
-            events=EventRecorder(api=api, metrics=self.metrics),
+            events=EventRecorder(api=api, metrics=self.metrics, may_write=self.may_write),
             changed_since=self._changed_since.get,
             in_scope=self._namespace_selected,
             notifier=self.notifier,

@@ -60,8 +60,14 @@ FLUSH_SECONDS = 3.0
 """How long shutdown waits for queued Events: short, a pod has ~30 s to stop in all."""
 MESSAGE_LIMIT = 1024
 COMBINED = "(combined from similar events): "
-DropReason = Literal["spam", "queue_full", "write_failed", "shutdown"]
-DROP_REASONS: tuple[DropReason, ...] = ("spam", "queue_full", "write_failed", "shutdown")
+DropReason = Literal["spam", "queue_full", "write_failed", "shutdown", "not_leader"]
+DROP_REASONS: tuple[DropReason, ...] = (
+    "spam",
+    "queue_full",
+    "write_failed",
+    "shutdown",
+    "not_leader",
+)
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -207,8 +213,12 @@ class EventRecorder:
         correlator: Correlator | None = None,
         capacity: int = PENDING,
         flush_seconds: float = FLUSH_SECONDS,
+        may_write: Callable[[], bool] = lambda: True,
     ) -> None:
         self._api = api
+        self._may_write = may_write
+        """False while this replica does not lead (``--enable-ha``): an Event queued by a term that
+        has ended is dropped, so a standby never writes."""
         self._metrics = metrics
         self._component = component
         self._correlator = correlator or Correlator()
@@ -257,6 +267,9 @@ class EventRecorder:
                 continue
             series = next(iter(self._pending))
             del self._pending[series]
+            if not self._may_write():
+                self._drop("not_leader")
+                continue
             self._writing = series
             await self._write(series)
             self._writing = None

@@ -38,7 +38,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 from reloader.kube import Api, ApiConflict, ApiError, ApiNotFound
 from reloader.model import Resource
@@ -256,8 +256,7 @@ class LeaderElector:
         }
 
     async def _put(self, lease: dict[str, Any]) -> dict[str, Any]:
-        # kube.Api has no public replace yet; this is the one PUT the controller sends.
-        return await self._api._json("PUT", self.path, body=lease)
+        return cast(dict[str, Any], await self._api.replace(self.path, lease))
 
     async def release(self) -> None:
         """Give the Lease up (on SIGTERM, after the workers have stopped), so a standby takes

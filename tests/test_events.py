@@ -364,3 +364,30 @@ async def test_a_full_queue_drops_new_events_without_waiting(admin_api: Api) -> 
         "reloader_events_dropped_total", {"reason": "queue_full"}
     )
     assert dropped == 2.0
+
+
+@pytest.mark.cluster
+async def test_events_queued_in_an_ended_leader_term_are_dropped(
+    admin_api: Api, namespace: str
+) -> None:
+    """With ``--enable-ha`` a standby never writes: an Event still queued when the term ended is
+    dropped and counted; once this replica leads again, Events are written."""
+    leading = False
+    metrics = Metrics()
+    recorder = EventRecorder(api=admin_api, metrics=metrics, may_write=lambda: leading)
+    writer = asyncio.create_task(recorder.run())
+    web = Subject("apps/v1", "Deployment", namespace, "web", "uid-web")
+    recorder.emit(web, reason="Reloaded", message="queued as standby", warning=False)
+
+    async def dropped() -> bool:
+        value = metrics.registry.get_sample_value(
+            "reloader_events_dropped_total", {"reason": "not_leader"}
+        )
+        return value == 1.0
+
+    await wait_for(dropped, timeout=10, message="the standby's Event dropped")
+    leading = True
+    recorder.emit(web, reason="Reloaded", message="written as leader", warning=False)
+    await recorder.close(writer)
+    page = await admin_api.list_page(EVENTS.collection_path(namespace), params=[])
+    assert [event["message"] for event in page.get("items") or []] == ["written as leader"]
