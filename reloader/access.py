@@ -35,6 +35,8 @@ def required(settings: Settings) -> dict[str, frozenset[Permission]]:
         features.append("argo-rollouts")
     if settings.namespace_label_selector and settings.cluster_wide:
         features.append("namespace-selector")
+    if settings.enable_csi_integration:
+        features.append("csi")
     needs = {scope: permissions.needed(features) for scope in settings.namespaces or [""]}
     own: list[Feature] = ["pending-jobs"] if "cronjobs-and-jobs" in features else []
     if settings.hash_key is None and settings.hash_key_file is None:
@@ -43,14 +45,16 @@ def required(settings: Settings) -> dict[str, frozenset[Permission]]:
     key = permissions.needed(own) - {creating_key}
     home = settings.controller_namespace
     needs[home] = needs.get(home, frozenset()) | _renamed(key, settings.hash_key_secret)
+    if settings.enable_ha:
+        lease = _renamed(permissions.needed(["leader-election"]), settings.lease_name)
+        needs[home] = needs[home] | lease
     return needs
 
 
-def _renamed(needs: Iterable[Permission], secret: str) -> frozenset[Permission]:
-    """The key Secret's grant under the name in force (``--hash-key-secret``)."""
-    return frozenset(
-        Permission(p.group, p.resource, p.verb, secret) if p.name else p for p in needs
-    )
+def _renamed(needs: Iterable[Permission], name: str) -> frozenset[Permission]:
+    """Grants on one named object under the name in force (``--hash-key-secret``,
+    ``--lease-name``)."""
+    return frozenset(Permission(p.group, p.resource, p.verb, name) if p.name else p for p in needs)
 
 
 async def refused(api: Api, needs: Mapping[str, frozenset[Permission]]) -> list[str]:
