@@ -6,7 +6,13 @@ The command is a template. These placeholders are filled for each run (``{{`` fo
 ``{python}``               this interpreter
 ``{kubeconfig}``           a kubeconfig file for this run's own audited user (also ``$KUBECONFIG``)
 ``{namespaces}``           the run's namespaces, comma-separated; empty for cluster-wide
-``{metrics_port}``         a free port for the controller's HTTP endpoint
+``{namespaces_flag}``      ``--namespaces=<the same>``, or nothing for cluster-wide (Stakater
+                           reads an empty ``--namespaces=`` as no list, but older builds lack the
+                           flag: leave it out there)
+``{namespace}``            the first namespace; empty for cluster-wide (Stakater before
+                           ``--namespaces`` watched one namespace given as ``KUBERNETES_NAMESPACE``)
+``{metrics_port}``         the port the bench reads readiness and metrics on: a free one, or the
+                           contender's fixed port (``--vs-port``; Stakater always serves ``:9090``)
 ``{controller_namespace}`` a namespace that exists, for the controller's own objects
 ``{debounce}``             the scenario's debounce in seconds (only ours has such a setting)
 ``{reload_strategy}``      ``annotations`` or ``env-vars`` (S11 asks for env-vars)
@@ -31,7 +37,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -71,6 +77,9 @@ class Contender:
     command: str
     ready_path: str
     semantics: Semantics
+    port: int | None = None
+    """The port it serves ``ready_path`` on when it cannot be told one (Stakater: 9090); None: a
+    free port, passed as ``{metrics_port}``."""
 
 
 OURS = Contender("reloader", OURS_COMMAND, "/readyz", "level")
@@ -170,18 +179,25 @@ class RunningController:
     launch: Launch
     log_path: Path
     origin: float
-    port: int = field(default_factory=free_port)
+    port: int = 0
     ready_seconds: float | None = None
     exit_code: int | None = None
     _popen: subprocess.Popen[bytes] | None = None
     _sampler: Sampler | None = None
     _started: float = 0.0
 
+    def __post_init__(self) -> None:
+        if not self.port:
+            self.port = self.contender.port or free_port()
+
     def argv(self) -> list[str]:
+        namespaces = ",".join(self.launch.namespaces)
         values = {
             "python": sys.executable,
             "kubeconfig": str(self.launch.kubeconfig),
-            "namespaces": ",".join(self.launch.namespaces),
+            "namespaces": namespaces,
+            "namespaces_flag": f"--namespaces={namespaces}" if namespaces else "",
+            "namespace": self.launch.namespaces[0] if self.launch.namespaces else "",
             "metrics_port": str(self.port),
             "controller_namespace": self.launch.controller_namespace,
             "debounce": f"{self.launch.debounce:g}",
@@ -190,7 +206,12 @@ class RunningController:
         return ["/bin/sh", "-c", render(self.contender.command, values)]
 
     def start(self) -> None:
+        if self.contender.port and http_status(self.url + "/") != 0:
+            raise RuntimeError(
+                f"port {self.port} is already served: {self.contender.name} needs it"
+            )
         env = {**os.environ, "KUBECONFIG": str(self.launch.kubeconfig)}
+        env.pop("KUBERNETES_NAMESPACE", None)  # Stakater would watch that one namespace only
         with self.log_path.open("ab") as log:
             self._popen = subprocess.Popen(
                 self.argv(),

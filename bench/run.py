@@ -72,6 +72,13 @@ def parse_args(argv: Sequence[str]) -> Options:
         default="/metrics",
         help="HTTP path answering 200 when it is ready; empty: wait 3 s",
     )
+    parser.add_argument(
+        "--vs-port",
+        type=int,
+        default=None,
+        help="the fixed port it serves the ready path on (Stakater: 9090); default: a free port"
+        " passed as {metrics_port}",
+    )
     parser.add_argument("--no-floor", action="store_true", help="skip the latency-floor runs")
     parser.add_argument("--no-scale", action="store_true", help="skip the scale run")
     parser.add_argument("--no-scenarios", action="store_true", help="only the scale run")
@@ -103,7 +110,7 @@ def parse_args(argv: Sequence[str]) -> Options:
     vs = None
     if args.vs:
         semantics: Semantics = args.vs_semantics
-        vs = Contender(args.vs_name, args.vs, args.vs_ready_path, semantics)
+        vs = Contender(args.vs_name, args.vs, args.vs_ready_path, semantics, args.vs_port)
     return Options(
         quick=args.quick,
         only=frozenset(s.strip().upper() for s in args.scenarios.split(",") if s.strip()),

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
 
 from bench import cluster, floor, scale
 from bench.apicost import by_verb, failures, parse_event, writes
-from bench.controller import OURS, render
+from bench.controller import OURS, Contender, Launch, RunningController, render
 from bench.observe import WriteLog, cronjob_owner, latencies, percentile, template_signature
 from bench.scenarios import QUICK_SIZES, SIZES, scenarios
 from reloader.model import ConfigKey, WorkloadKey
@@ -68,6 +70,9 @@ def check_audit_event_parsing_and_counting() -> None:
     assert by_verb([request, request]) == {"patch": 2}
     assert failures([request]) == {"409": 1}
     assert writes([request], since=request.at + 1) == 0
+    review = replace(request, verb="create", resource="selfsubjectaccessreviews")
+    assert writes([request, review]) == 1, "a review stores nothing: not a write"
+    assert by_verb([review]) == {"review": 1}
 
 
 def check_floor_finds_every_reference_shape() -> None:
@@ -84,6 +89,12 @@ def check_floor_finds_every_reference_shape() -> None:
     assert found == expected | {("ConfigMap", "c2"), ("Secret", "s3")}, found
 
 
+STAKATER_LIKE = (
+    "KUBERNETES_NAMESPACE={namespace} R {namespaces_flag} --reload-strategy={reload_strategy}"
+    " :{metrics_port}"
+)
+
+
 def check_commands_render() -> None:
     values = {
         "python": "py",
@@ -95,6 +106,14 @@ def check_commands_render() -> None:
         "reload_strategy": "annotations",
     }
     assert "--namespaces=a,b" in render(OURS.command, values)
+    launch = Launch(kubeconfig=Path("/k"), namespaces=("a", "b"), controller_namespace="c")
+    stakater = Contender("stakater", STAKATER_LIKE, "/metrics", "edge", port=9090)
+    scoped = RunningController(stakater, launch, Path("/dev/null"), 0.0).argv()[-1]
+    assert scoped == "KUBERNETES_NAMESPACE=a R --namespaces=a,b --reload-strategy=annotations :9090"
+    wide = replace(launch, namespaces=())
+    assert RunningController(stakater, wide, Path("/dev/null"), 0.0).argv()[-1] == (
+        "KUBERNETES_NAMESPACE= R  --reload-strategy=annotations :9090"
+    )
     message = ""
     try:
         render("x {nope}", values)
