@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint unit demo bench bench-quick control-plane wheel clean
+.PHONY: test lint unit demo demo-cluster bench bench-quick control-plane node-images wheel clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,12 +16,19 @@ $(STAMP): pyproject.toml
 control-plane:
 	bash tests/controlplane/build.sh
 
+# The test node (tests/node, tests/test_node.py): Debian packages (as root), kubelet, kube-proxy and
+# kube-scheduler, and the images built locally; all cached outside the checkout.
+node-images: control-plane
+	bash tests/node/setup.sh
+	bash tests/controlplane/build.sh node >/dev/null
+	bash tests/node/images.sh
+
 lint: $(STAMP)
 	$(BIN)/ruff check reloader tests bench
 	$(BIN)/ruff format --check reloader tests bench
 	$(BIN)/mypy --strict reloader
 
-test: $(STAMP) control-plane lint
+test: $(STAMP) control-plane node-images lint
 	$(BIN)/pytest -p no:cacheprovider -ra
 
 unit: $(STAMP)
@@ -29,6 +36,9 @@ unit: $(STAMP)
 
 demo: $(STAMP) control-plane
 	$(BIN)/python -m tests.controlplane.demo
+
+demo-cluster: $(STAMP) node-images
+	$(BIN)/python -m tests.node.demo
 
 bench: $(STAMP) control-plane
 	$(BIN)/python -m bench

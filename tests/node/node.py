@@ -40,7 +40,14 @@ from typing import IO, Any
 
 import yaml
 
-from tests.controlplane.envtest import BUILD_SCRIPT, CONTROLLERS, ControlPlane, _Process, free_port
+from tests.controlplane.envtest import (
+    AUDITED_GROUP,
+    BUILD_SCRIPT,
+    CONTROLLERS,
+    ControlPlane,
+    _Process,
+    free_port,
+)
 
 HERE = Path(__file__).resolve().parent
 IMAGES_SCRIPT = HERE / "images.sh"
@@ -58,6 +65,17 @@ NODE_CONTROLLERS = (
 """What Pods and Services need on top of envtest's: a ``default`` ServiceAccount and the
 ``kube-root-ca.crt`` ConfigMap in every namespace (a token volume mounts both), Endpoints for the
 apiserver's service proxy and EndpointSlices for kube-proxy."""
+NODE_AUDIT_POLICY = f"""\
+apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: ["RequestReceived"]
+rules:
+  - level: Metadata
+    userGroups: ["{AUDITED_GROUP}", "system:serviceaccounts"]
+  - level: None
+"""
+"""envtest's policy plus every ServiceAccount: what the controller Pod did, from which address
+(``ControlPlane.audit_events`` of ``system:serviceaccount:<namespace>:reloader``)."""
 LOCK = Path("/run/reloader-test-node.lock")
 RUNC = os.environ.get("RELOADER_NODE_RUNC", "runc")
 """The OCI runtime binary containerd starts containers with (a wrapper that logs, to debug)."""
@@ -130,8 +148,14 @@ def node_control_plane() -> ControlPlane:
     client = plane.ca.issue("kube-apiserver-kubelet-client", organizations=["system:masters"])
     (plane.work_dir / "kubelet-client.crt").write_bytes(client.cert_pem)
     (plane.work_dir / "kubelet-client.key").write_bytes(client.key_pem)
+    policy = plane.work_dir / "node-audit-policy.yaml"
+    policy.write_text(NODE_AUDIT_POLICY)
     # envtest's flags come first; a repeated single-valued flag takes the last value.
     plane.extra_apiserver_args = (
+        f"--audit-policy-file={policy}",
+        f"--audit-log-path={plane.audit_log}",
+        "--audit-log-format=json",
+        "--audit-log-maxsize=0",
         "--bind-address=0.0.0.0",
         f"--advertise-address={NODE_IP}",
         "--endpoint-reconciler-type=lease",
