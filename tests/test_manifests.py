@@ -553,7 +553,8 @@ async def test_controller_runs_cluster_wide_as_its_service_account(
     5. Change the ConfigMap of an auto Deployment and the Secret of an auto CronJob.
     Result: a second ReplicaSet, a Job owned by the CronJob, Reloaded Events, and not one 403.
     """
-    token = secrets.token_hex(3)
+    # A letter first: a hex token such as "04e299" is a number to kustomize's YAML parser.
+    token = f"x{secrets.token_hex(3)}"
     home = f"reloader-{token}"
     objects = render(customized(tmp_path, "cluster-wide", namespace=home, suffix=f"-{token}"))
     label = f"reloader.test/rbac={token}"
