@@ -339,6 +339,7 @@ class Api:
                         yield cast(RawWatchEvent, _decode_object(pending))
                     return
                 pending += chunk
+                del chunk  # a Secret's raw data is not kept alive while waiting for more
                 start = 0
                 while (end := pending.find(b"\n", start)) >= 0:
                     if end > start:

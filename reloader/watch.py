@@ -382,6 +382,7 @@ class Informer(Generic[T]):
                 self._contact()
                 resource_version = self._apply_event(event) or resource_version
                 progress.progressed = True
+                del event  # a Secret's raw object is not kept alive while waiting for the next
         except ApiGone as error:
             raise _Relist from error
         finally:

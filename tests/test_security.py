@@ -462,12 +462,7 @@ async def test_secret_values_appear_in_no_log_metric_probe_event_or_memory(
     decoded = [k for k, v in raw.items() if v and not k.endswith(" base64")]
     assert decoded == [], f"decoded Secret values in memory (the values are never decoded): {raw}"
     assert live.pop("control: the namespace", 0) > 0, "the live search found nothing it should"
-    replaced = {k: n for k, n in live.items() if not k.split(" ")[0].endswith("[2]")}
-    assert replaced == {}, f"live objects hold values that were replaced since: {replaced}"
-    if live:
-        # Known: Api.watch keeps the last chunk it read (``chunk``) and Informer._watch the last
-        # event (``event``) referenced until the next event arrives on that watch.
-        pytest.xfail(f"the last watch event of each Secret stays referenced: {sorted(live)}")
+    assert live == {}, f"live objects hold Secret values: {sorted(live)}"
 
 
 async def _signalled(
