@@ -54,7 +54,7 @@ Deliberate differences from Stakater:
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -70,6 +70,15 @@ _FALSE = frozenset({"0", "f", "F", "FALSE", "false", "False"})
 
 _REGEX_META = frozenset("\\.+*?()|[]{}^$")
 """An item with none of these matches exactly one name: itself, so the index can look it up."""
+
+_NONE: frozenset[str] = frozenset()
+"""Shared by every empty list: a policy holds nine, and thousands of policies are cached."""
+
+
+def _frozen(items: Iterable[str]) -> frozenset[str]:
+    found = frozenset(items)
+    return found if found else _NONE
+
 
 MAX_LIST_CHARS = 4096
 """A named list longer than this is refused; 64 names of 63 characters fit."""
@@ -327,7 +336,7 @@ def _excluded(meta: Mapping[str, str], source: Mapping[str, str], key: str) -> f
     names = _items(meta.get(key))
     if source is not meta:
         names += _items(source.get(key))
-    return frozenset(names)
+    return _frozen(names)
 
 
 def _items(value: str | None) -> list[str]:
@@ -345,12 +354,12 @@ def _named_list(
     if len(value) > MAX_LIST_CHARS:
         reason = f"longer than {MAX_LIST_CHARS} characters; the whole list is ignored"
         problems.add(_problem(key, value, reason))
-        return frozenset(), frozenset()
+        return _NONE, _NONE
     items = _items(value)
     if len(items) > MAX_LIST_ITEMS:
         reason = f"more than {MAX_LIST_ITEMS} items; the whole list is ignored"
         problems.add(_problem(key, value, reason))
-        return frozenset(), frozenset()
+        return _NONE, _NONE
     literal: set[str] = set()
     patterns: set[str] = set()
     for item in items:
@@ -363,7 +372,7 @@ def _named_list(
             problems.add(_problem(key, item, f"not a valid regular expression: {error}"))
         else:
             patterns.add(item)
-    return frozenset(literal), frozenset(patterns)
+    return _frozen(literal), _frozen(patterns)
 
 
 def _parse_bool(annotations: Mapping[str, str], key: str, problems: set[Problem]) -> bool:
