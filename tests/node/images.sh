@@ -35,10 +35,12 @@ save() {
   echo "$role $ref $archive"
 }
 
+# No --layers: no intermediate images pile up (reloader/ changes with nearly every build anyway).
+# No --layers: no intermediate images pile up (reloader/ changes with nearly every build anyway).
 # The host's CA bundle is mounted into every RUN step: pip reaches PyPI through whatever TLS the
 # host trusts (an egress proxy with its own CA, say) without that CA ending up in an image.
 bud() {
-  buildah bud --quiet --layers --network host \
+  buildah bud --quiet --network host \
     --volume /etc/ssl/certs/ca-certificates.crt:/etc/ssl/certs/ca-certificates.crt:ro "$@" >/dev/null
 }
 
@@ -109,6 +111,10 @@ controller_image() {
     bud --build-arg "BASE=$base" -t "$ref" -f "$ROOT/Containerfile" "$ROOT"
   fi
   save controller "$ref" "reloader-$tag"
+  # Each change to reloader/ makes a new image: keep only the current one (archives and buildah).
+  find "$CACHE" -maxdepth 1 -name "reloader-*-$SUITE.tar" ! -name "reloader-$tag.tar" -delete
+  buildah images --format '{{.Name}}:{{.Tag}}' | grep '^localhost/reloader:' \
+    | grep -vx "$ref" | xargs -r buildah rmi >/dev/null 2>&1 || true
 }
 
 for tool in buildah mmdebstrap go sha256sum; do

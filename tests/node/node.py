@@ -385,6 +385,9 @@ state = "{self._path("containerd-state")}"
                 present = set(self._ctr("images", "list", "--quiet").stdout.split())
         if wanted - present:
             raise NodeError(f"images not in containerd after import: {sorted(wanted - present)}")
+        for stale in present - wanted:  # earlier builds of the same images: disk, not history
+            if stale.startswith(("localhost/reloader:", "localhost/reloader-test/")):
+                self._ctr("images", "remove", stale, check=False)
 
     def _node_ready(self) -> bool:
         result = self.kubectl("get", "node", NODE_NAME, "-o", "json", check=False)
