@@ -62,13 +62,14 @@ async def refused(api: Api, needs: Mapping[str, frozenset[Permission]]) -> list[
     missing = []
     for namespace, wanted in sorted(needs.items()):
         for permission in sorted(wanted):
-            if not await _allowed(api, permission, namespace=namespace):
+            if not await allowed(api, permission, namespace=namespace):
                 where = f" in namespace {namespace}" if namespace else ""
                 missing.append(f"{permission}{where}")
     return missing
 
 
-async def _allowed(api: Api, permission: Permission, *, namespace: str) -> bool:
+async def allowed(api: Api, permission: Permission, *, namespace: str) -> bool:
+    """What the server answers to a SelfSubjectAccessReview for ``permission``."""
     resource, _, subresource = permission.resource.partition("/")
     attributes = {
         "namespace": namespace,

@@ -66,6 +66,8 @@ bounds what one list holds decoded at once, and so what the allocator keeps afte
 Deployments fell from 2,081 to 1,701 B per cached object (docs/performance.md). 100 a page did a
 little better on memory, but the start-up lists took five times as many requests and, on a busy
 server, five times as long."""
+FORBIDDEN = "forbidden to list or watch; check the RBAC of the controller's account"
+RETRYING = "watch failed; retrying"
 ABSENT_RECHECK_SECONDS = 30.0
 """How often an optional kind (a CRD) that the server does not serve is looked for again."""
 MIN_WATCH_SECONDS = 1.0
@@ -272,33 +274,28 @@ class Informer(Generic[T]):
         ``--reload-on-delete``). A scope never listed counts as listed and empty, so the other
         namespaces are not held hostage; it held nothing, so it can never delete anything later.
         """
-        self._restarts += 1
-        delay = backoff.next_delay()
-        log.error(
-            "forbidden to list or watch; check the RBAC of the controller's account",
-            extra={
-                "kind": self.resource.kind,
-                "namespace": namespace or "*",
-                "error": str(error),
-                "retry_in": round(delay, 2),
-            },
-        )
+        delay = self._failed(error, namespace, backoff, level=logging.ERROR, what=FORBIDDEN)
         self._mark_synced(namespace)
         await asyncio.sleep(delay)
 
     async def _retry_after(self, error: ApiError, namespace: str | None, backoff: Backoff) -> None:
+        delay = self._failed(error, namespace, backoff, level=logging.WARNING, what=RETRYING)
+        await asyncio.sleep(delay)
+
+    def _failed(
+        self, error: ApiError, namespace: str | None, backoff: Backoff, *, level: int, what: str
+    ) -> float:
+        """Count and log one failed list or watch; returns how long to back off."""
         self._restarts += 1
         delay = backoff.next_delay()
-        log.warning(
-            "watch failed; retrying",
-            extra={
-                "kind": self.resource.kind,
-                "namespace": namespace or "*",
-                "error": str(error),
-                "retry_in": round(delay, 2),
-            },
-        )
-        await asyncio.sleep(delay)
+        fields = {
+            "kind": self.resource.kind,
+            "namespace": namespace or "*",
+            "error": str(error),
+            "retry_in": round(delay, 2),
+        }
+        log.log(level, what, extra=fields)
+        return delay
 
     async def _pause_after_idle_watch(self, namespace: str | None, backoff: Backoff) -> None:
         """A watch that ended at once or without progress is reopened after the backoff only: a

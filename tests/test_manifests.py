@@ -34,6 +34,7 @@ import pytest
 import yaml
 
 from reloader import permissions
+from reloader.access import allowed
 from reloader.app import Controller, load_digest_key
 from reloader.kube import Api, ApiForbidden, ApiNotFound, connect_with_dict
 from reloader.model import JOBS, KINDS, RECORD_ANNOTATION, SECRETS
@@ -423,7 +424,7 @@ async def wait_allowed(api: Api, needs: Iterable[Permission], *, namespace: str)
 
     async def all_allowed() -> bool:
         for permission in sorted(pending):
-            if await _allowed(api, permission, namespace=namespace):
+            if await allowed(api, permission, namespace=namespace):
                 pending.discard(permission)
         return not pending
 
@@ -432,26 +433,6 @@ async def wait_allowed(api: Api, needs: Iterable[Permission], *, namespace: str)
     assert not pending, (
         f"not allowed in {namespace or 'all namespaces'}: {sorted(map(str, pending))}"
     )
-
-
-async def _allowed(api: Api, permission: Permission, *, namespace: str) -> bool:
-    resource, _, subresource = permission.resource.partition("/")
-    attributes = {
-        "namespace": namespace,
-        "group": permission.group,
-        "resource": resource,
-        "subresource": subresource,
-        "verb": permission.verb,
-        "name": permission.name,
-    }
-    review = {
-        "apiVersion": "authorization.k8s.io/v1",
-        "kind": "SelfSubjectAccessReview",
-        "spec": {"resourceAttributes": attributes},
-    }
-    path = "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews"
-    answer: dict[str, Any] = dict(await api.create(path, review))
-    return bool(answer.get("status", {}).get("allowed"))
 
 
 @contextlib.asynccontextmanager
