@@ -284,7 +284,9 @@ async def servicemonitor_crd(admin_api: Api) -> AsyncIterator[None]:
         created = True
 
     async def established() -> bool:
-        conditions = dict(await admin_api.get(path)).get("status", {}).get("conditions", [])
+        # Right after the create the server may answer with ``conditions: null``.
+        status = dict(await admin_api.get(path)).get("status") or {}
+        conditions = status.get("conditions") or []
         return any(c["type"] == "Established" and c["status"] == "True" for c in conditions)
 
     await wait_for(established, timeout=30, message="ServiceMonitor CRD established")

@@ -393,7 +393,7 @@ state = "{self._path("containerd-state")}"
         result = self.kubectl("get", "node", NODE_NAME, "-o", "json", check=False)
         if result.returncode != 0:
             return False
-        conditions = json.loads(result.stdout)["status"].get("conditions", [])
+        conditions = json.loads(result.stdout)["status"].get("conditions") or []
         return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
 
     def kubectl(

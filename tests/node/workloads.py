@@ -88,7 +88,7 @@ def _one_ready_pod(node: Node, namespace: str, selector: str) -> dict[str, Any] 
     ]
     if len(pods) != 1:
         return None
-    conditions = pods[0]["status"].get("conditions", [])
+    conditions = pods[0]["status"].get("conditions") or []
     ready = any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
     return pods[0] if ready else None
 
