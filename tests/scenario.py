@@ -13,6 +13,8 @@ import contextlib
 import copy
 import json
 import time
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +57,27 @@ async def wait_for(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s: {message}")
         await asyncio.sleep(0.1)
+
+
+def http_get(port: int, path: str) -> tuple[int, str]:
+    """GET from a controller's HTTP port on 127.0.0.1: (status, body), or (0, "") while nothing
+    answers there."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+    except OSError:
+        return 0, ""
+
+
+def answers_ok(port: int, path: str) -> Callable[[], Awaitable[bool]]:
+    """A ``wait_for`` probe: whether ``path`` on the controller's port answers 200."""
+
+    async def probe() -> bool:
+        return (await asyncio.to_thread(http_get, port, path))[0] == 200
+
+    return probe
 
 
 def container(name: str = "app", **extra: Any) -> dict[str, Any]:

@@ -24,8 +24,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +37,15 @@ from reloader.leader import LEASE_NAME, LEASES, LeaderElector, LeaseTimings
 from reloader.settings import SettingsError, load_settings
 from tests.conftest import TestCluster
 from tests.controlplane.envtest import ControlPlane, free_port
-from tests.scenario import Cluster, audited_writes, container, deployment, env_from, wait_for
+from tests.scenario import (
+    Cluster,
+    audited_writes,
+    container,
+    deployment,
+    env_from,
+    http_get,
+    wait_for,
+)
 from tests.test_manifests import service_account_api
 
 HASH_KEY = "a-digest-key-shared-by-both-replicas"
@@ -72,13 +78,7 @@ class Replica:
     process: subprocess.Popen[bytes]
 
     def get(self, path: str) -> tuple[int, str]:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=2) as r:
-                return r.status, r.read().decode()
-        except urllib.error.HTTPError as error:
-            return error.code, error.read().decode()
-        except OSError:
-            return 0, ""
+        return http_get(self.port, path)
 
     def is_leader_metric(self) -> str:
         """The value of ``reloader_is_leader`` for this replica, as scraped."""

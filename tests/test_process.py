@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 import sys
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -24,7 +23,7 @@ from reloader.kube import Api
 from reloader.model import SECRETS
 from tests.conftest import TestCluster
 from tests.controlplane.envtest import free_port
-from tests.scenario import Cluster, container, deployment, wait_for
+from tests.scenario import Cluster, answers_ok, container, deployment, http_get, wait_for
 
 SECRET_VALUE = "hunter2-do-not-log-me-7f3a"
 ROTATED_VALUE = "correct-horse-battery-staple-9c1d"
@@ -42,16 +41,6 @@ def test_invalid_settings_exit_2_with_one_line() -> None:
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("reloader: invalid settings: workers")
-
-
-def _get(port: int, path: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read().decode()
-    except OSError:
-        return 0, ""
 
 
 @pytest.mark.cluster
@@ -91,12 +80,12 @@ async def test_process_rolls_on_secret_rotation_and_exits_cleanly(
             stderr=subprocess.STDOUT,
         )
     try:
-        await wait_for(_probe(port, "/readyz"), timeout=60, message="/readyz answers 200")
-        assert _get(port, "/healthz")[0] == 200
+        await wait_for(answers_ok(port, "/readyz"), timeout=60, message="/readyz answers 200")
+        assert http_get(port, "/healthz")[0] == 200
         await scene.wait_recorded("api")
         await scene.set_secret("db", {"password": ROTATED_VALUE})
         await scene.assert_replica_sets_stay("api", 2)
-        status, metrics = _get(port, "/metrics")
+        status, metrics = http_get(port, "/metrics")
         assert status == 200
     except AssertionError as error:
         raise AssertionError(f"{error}\ncontroller log:\n{log_path.read_text()[-3000:]}") from None
@@ -126,13 +115,6 @@ async def test_process_rolls_on_secret_rotation_and_exits_cleanly(
             assert encoded not in events
     # The key Secret was created in the controller's namespace on first start.
     assert await _secret_exists(scene.api, scene.namespace, "reloader-hash-key")
-
-
-def _probe(port: int, path: str):  # type: ignore[no-untyped-def]
-    async def probe() -> bool:
-        return (await asyncio.to_thread(_get, port, path))[0] == 200
-
-    return probe
 
 
 async def _secret_exists(api: Api, namespace: str, name: str) -> bool:

@@ -20,9 +20,7 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +34,7 @@ from reloader.http import HEAD_LIMITS, MAX_BODY_BYTES, bound_port, build_app, se
 from reloader.model import EVENTS, RECORD_ANNOTATION
 from tests.conftest import TestCluster
 from tests.controlplane.envtest import free_port
-from tests.scenario import Cluster, container, deployment, wait_for
+from tests.scenario import Cluster, answers_ok, container, deployment, http_get, wait_for
 
 HEAD_TIMEOUT = 1.0
 """The deadline the HTTP tests give the server (the product's default is 10 s)."""
@@ -323,16 +321,6 @@ def _memory_hits(pid: int, needles: Mapping[str, bytes]) -> dict[str, list[str]]
     return hits
 
 
-def _http_get(port: int, path: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read().decode()
-    except OSError:
-        return 0, ""
-
-
 def _credentials(kubeconfig: Mapping[str, Any]) -> list[str]:
     """The kubeconfig's secrets (token, client key, password): they must not leak either."""
     found = []
@@ -419,7 +407,7 @@ async def test_secret_values_appear_in_no_log_metric_probe_event_or_memory(
     }
     with _controller_process(kubeconfig, scene.namespace, port, tmp_path) as process:
         try:
-            await wait_for(_probe(port, "/readyz"), timeout=60, message="/readyz answers 200")
+            await wait_for(answers_ok(port, "/readyz"), timeout=60, message="/readyz answers 200")
             for name in ("api", "files"):
                 await scene.wait_recorded(name)
             for rotation in (1, 2):
@@ -428,7 +416,7 @@ async def test_secret_values_appear_in_no_log_metric_probe_event_or_memory(
                 for name in ("api", "files"):
                     await scene.wait_replica_sets(name, rotation + 1)
             await asyncio.sleep(1.0)  # the last Events and records written, the process idle
-            exposed = {path: _http_get(port, path)[1] for path in PATHS}
+            exposed = {path: http_get(port, path)[1] for path in PATHS}
             raw = await asyncio.to_thread(_memory_hits, process.pid, needles)
             await _signalled(process, signal.SIGUSR2, tmp_path / "trimmed")
             trimmed = await asyncio.to_thread(_memory_hits, process.pid, needles)
@@ -477,13 +465,6 @@ async def _signalled(
     await wait_for(written, timeout=60, message=f"{answer.name} from the controller")
     found = json.loads(await asyncio.to_thread(answer.read_text))
     return found if isinstance(found, dict) else {"result": found}
-
-
-def _probe(port: int, path: str) -> Callable[[], Awaitable[bool]]:
-    async def probe() -> bool:
-        return (await asyncio.to_thread(_http_get, port, path))[0] == 200
-
-    return probe
 
 
 # --- Digests on workloads are keyed ------------------------------------------------------------
