@@ -2,7 +2,8 @@
 and bulk creation with bounded concurrency.
 
 Every controller under test authenticates with its own client certificate whose groups include
-``AUDITED_GROUP``. The audit policy logs that group only, at ``Metadata`` level, so the audit log
+``tests.controlplane.envtest.AUDITED_GROUP``. The audit policy (``AUDIT_POLICY``, shared with
+the tests) logs that group only, at ``Metadata`` level, so the audit log
 holds exactly the controllers' requests: the bench's own requests and kube-controller-manager's are
 not logged, and attributing requests needs no guess about user agents (``apiserver_request_total``
 has no user or user-agent label on this version; see ``apicost``).
@@ -27,24 +28,13 @@ import yaml
 
 from reloader.kube import Api, ApiConflict, ApiError, ApiNotFound
 from reloader.model import CONFIG_RESOURCES, KINDS, NAMESPACES, ConfigKey, WorkloadKindName
-from tests.controlplane.envtest import ControlPlane
+from tests.controlplane.envtest import AUDIT_POLICY, ControlPlane
 
-AUDITED_GROUP = "bench:audited"
 IN_FLIGHT = 50
 PART_OF = {"app.kubernetes.io/part-of": "reloader-bench"}
 AUTO = {"reloader.stakater.com/auto": "true"}
 NEVER_SCHEDULE = "0 0 1 1 *"
 """A CronJob schedule that does not fire during a run, so every Job seen came from a reload."""
-
-AUDIT_POLICY = f"""\
-apiVersion: audit.k8s.io/v1
-kind: Policy
-omitStages: ["RequestReceived"]
-rules:
-  - level: Metadata
-    userGroups: ["{AUDITED_GROUP}"]
-  - level: None
-"""
 
 
 @dataclass
@@ -56,7 +46,7 @@ class BenchPlane:
 
     def kubeconfig_for(self, user: str, directory: Path) -> Path:
         """A kubeconfig file for ``user`` (cluster-admin, audited), for a controller under test."""
-        config = self.plane.user_kubeconfig(user, groups=["system:masters", AUDITED_GROUP])
+        config = self.plane.audited_kubeconfig(user)
         path = directory / f"{user}.kubeconfig"
         path.write_text(yaml.safe_dump(config))
         return path
