@@ -80,6 +80,44 @@ def answers_ok(port: int, path: str) -> Callable[[], Awaitable[bool]]:
     return probe
 
 
+def refusal_policy(
+    name: str,
+    namespace: str,
+    *,
+    group: str,
+    resource: str,
+    operation: str,
+    expression: str,
+    message: str,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A ValidatingAdmissionPolicy and its binding that refuse ``operation`` on ``resource`` in
+    ``namespace`` unless the CEL ``expression`` holds: a real server's permanent refusal."""
+    selector = {"matchLabels": {"kubernetes.io/metadata.name": namespace}}
+    rule = {
+        "apiGroups": [group],
+        "apiVersions": ["v1"],
+        "operations": [operation],
+        "resources": [resource],
+    }
+    policy = {
+        "metadata": {"name": name},
+        "spec": {
+            "failurePolicy": "Fail",
+            "matchConstraints": {"resourceRules": [rule], "namespaceSelector": selector},
+            "validations": [{"expression": expression, "message": message}],
+        },
+    }
+    binding = {
+        "metadata": {"name": name},
+        "spec": {
+            "policyName": name,
+            "validationActions": ["Deny"],
+            "matchResources": {"namespaceSelector": selector},
+        },
+    }
+    return policy, binding
+
+
 def container(name: str = "app", **extra: Any) -> dict[str, Any]:
     return {"name": name, "image": "registry.invalid/app:1", **extra}
 

@@ -28,14 +28,22 @@ from reloader.model import CONFIGMAPS, RECORD_ANNOTATION
 from reloader.patches import PENDING_JOB_LABEL, RECREATED_FROM_ANNOTATION
 from reloader.settings import Settings
 from tests.conftest import TestCluster
-from tests.scenario import TEST_KEY, Cluster, container, env_from, wait_for, workload
+from tests.scenario import (
+    QUIET,
+    TEST_KEY,
+    Cluster,
+    container,
+    env_from,
+    refusal_policy,
+    wait_for,
+    workload,
+)
 from tests.test_manifests import service_account_api
 
 pytestmark = pytest.mark.cluster
 AUTO = {"reloader.stakater.com/auto": "true"}
 USES_CFG = [container(**env_from("ConfigMap", "cfg"))]
 ADMISSION = "/apis/admissionregistration.k8s.io/v1"
-QUIET = 1.5
 
 
 async def change_cfg(scene: Cluster, value: str) -> None:
@@ -84,29 +92,15 @@ async def refusing(
     (batch/v1) unless ``expression`` holds; in force from entry (``refused`` probes it) until
     exit, which waits until the server no longer applies it."""
     name = f"refuse-{scene.namespace}"
-    selector = {"matchLabels": {"kubernetes.io/metadata.name": scene.namespace}}
-    rule = {
-        "apiGroups": ["batch"],
-        "apiVersions": ["v1"],
-        "operations": [operation],
-        "resources": [resource],
-    }
-    policy = {
-        "metadata": {"name": name},
-        "spec": {
-            "failurePolicy": "Fail",
-            "matchConstraints": {"resourceRules": [rule], "namespaceSelector": selector},
-            "validations": [{"expression": expression, "message": "refused by the test"}],
-        },
-    }
-    binding = {
-        "metadata": {"name": name},
-        "spec": {
-            "policyName": name,
-            "validationActions": ["Deny"],
-            "matchResources": {"namespaceSelector": selector},
-        },
-    }
+    policy, binding = refusal_policy(
+        name,
+        scene.namespace,
+        group="batch",
+        resource=resource,
+        operation=operation,
+        expression=expression,
+        message="refused by the test",
+    )
     await scene.api.create(f"{ADMISSION}/validatingadmissionpolicies", policy)
     await scene.api.create(f"{ADMISSION}/validatingadmissionpolicybindings", binding)
     try:

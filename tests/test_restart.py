@@ -42,44 +42,35 @@ from reloader.restart import (
 from reloader.settings import Settings
 from tests.conftest import TestCluster
 from tests.faultproxy import Fault, FaultProxy
-from tests.scenario import QUIET, TEST_KEY, Cluster, container, deployment, env_from, wait_for
+from tests.scenario import (
+    QUIET,
+    TEST_KEY,
+    Cluster,
+    container,
+    deployment,
+    env_from,
+    refusal_policy,
+    wait_for,
+)
 from tests.test_manifests import service_account_api, wait_allowed
 
 ADMISSION = "/apis/admissionregistration.k8s.io/v1"
 
 
 def freeze_policy(namespace: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    name = f"freeze-restarts-{namespace}"
-    selector = {"matchLabels": {"kubernetes.io/metadata.name": namespace}}
-    rules = [
-        {
-            "apiGroups": ["apps"],
-            "apiVersions": ["v1"],
-            "operations": ["UPDATE"],
-            "resources": ["deployments"],
-        }
-    ]
     expression = (
         "!has(object.spec.template.metadata.annotations) || "
         "!('reloader.stakater.com/last-reloaded-from' in object.spec.template.metadata.annotations)"
     )
-    policy = {
-        "metadata": {"name": name},
-        "spec": {
-            "failurePolicy": "Fail",
-            "matchConstraints": {"resourceRules": rules, "namespaceSelector": selector},
-            "validations": [{"expression": expression, "message": "restarts are frozen here"}],
-        },
-    }
-    binding = {
-        "metadata": {"name": name},
-        "spec": {
-            "policyName": name,
-            "validationActions": ["Deny"],
-            "matchResources": {"namespaceSelector": selector},
-        },
-    }
-    return policy, binding
+    return refusal_policy(
+        f"freeze-restarts-{namespace}",
+        namespace,
+        group="apps",
+        resource="deployments",
+        operation="UPDATE",
+        expression=expression,
+        message="restarts are frozen here",
+    )
 
 
 @pytest.mark.cluster
