@@ -48,6 +48,7 @@ from reloader.model import (
     SPC,
     ConfigKey,
     ConfigKind,
+    RawObject,
     WorkloadKey,
     WorkloadKind,
 )
@@ -97,7 +98,7 @@ async def load_digest_key(
     if settings.hash_key is not None:
         return DigestKey.from_secret(settings.hash_key.get_secret_value().encode())
     if settings.hash_key_file is not None:
-        return _key_from_file(settings.hash_key_file)
+        return key_from_file(settings.hash_key_file)
     namespace, name = settings.controller_namespace, settings.hash_key_secret
     path = SECRETS.object_path(namespace, name)
     backoff = Backoff()
@@ -157,7 +158,7 @@ async def wait_for_access(
         await asyncio.sleep(delay)
 
 
-def _key_from_file(path: str) -> DigestKey:
+def key_from_file(path: str) -> DigestKey:
     """The file's bytes as they are: a mounted Secret key gives exactly the Secret's bytes, so
     the same key whether mounted or read from the API."""
     try:
@@ -186,6 +187,11 @@ async def _read_or_create_key(api: Api, path: str, namespace: str, name: str) ->
             f"'get' on secrets named {name!r} there to the controller's account, {_OTHERWISE}. "
             f"The server said: {error.message}"
         ) from error
+    return key_from_secret(secret, namespace, name)
+
+
+def key_from_secret(secret: RawObject, namespace: str, name: str) -> DigestKey:
+    """The key in the Secret's ``key`` field; ``InvalidKeySecret`` when it has no usable one."""
     encoded_key = (secret.get("data") or {}).get(HASH_KEY_FIELD)
     if not encoded_key:
         raise ApiError(

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -36,7 +35,7 @@ import orjson
 from pydantic import ValidationError
 
 from reloader.annotations import AnnotationNames, KindRules
-from reloader.app import HASH_KEY_FIELD
+from reloader.app import StartupError, key_from_file, key_from_secret
 from reloader.decide import Decision, Dependency, config_id, decide, dependencies
 from reloader.digests import DigestKey
 from reloader.kube import Api, ApiError, ApiNotFound, connect
@@ -221,29 +220,18 @@ async def read_digest_key(api: Api, settings: Settings) -> tuple[DigestKey | Non
     if settings.hash_key is not None:
         key = DigestKey.from_secret(settings.hash_key.get_secret_value().encode())
         return key, "from RELOADER_HASH_KEY / --hash-key"
-    # Read as ``getattr``: the key-file setting arrives with another change (--hash-key-file).
-    key_file = getattr(settings, "hash_key_file", None)
-    if isinstance(key_file, str):
-        return _key_from_file(key_file)
+    if settings.hash_key_file is not None:
+        try:
+            return key_from_file(settings.hash_key_file), f"from the file {settings.hash_key_file}"
+        except StartupError as error:
+            return None, str(error)
     namespace, name = settings.controller_namespace, settings.hash_key_secret
     where = f"Secret {namespace}/{name}"
     try:
         secret = await api.get(SECRETS.object_path(namespace, name))
-        encoded = (secret.get("data") or {}).get(HASH_KEY_FIELD) or ""
-        return DigestKey.from_secret(base64.b64decode(encoded)), f"from {where}"
-    except ApiError as error:
+        return key_from_secret(secret, namespace, name), f"from {where}"
+    except ApiError as error:  # unreadable, or no usable key in it
         return None, f"cannot read the digest key {where}: {error}"
-    except ValueError as error:  # not base64, too short, absent
-        return None, f"the digest key {where} has no usable '{HASH_KEY_FIELD}': {error}"
-
-
-def _key_from_file(path: str) -> tuple[DigestKey | None, str]:
-    """The file's bytes as they are, as the controller reads them (a few bytes: read inline)."""
-    try:
-        with open(path, "rb") as file:
-            return DigestKey.from_secret(file.read()), f"from the file {path}"
-    except (OSError, ValueError) as error:
-        return None, f"cannot use the digest key file {path!r}: {error}"
 
 
 async def _configs(
