@@ -53,7 +53,7 @@ class Dependency:
     kind: ConfigKind
     name: str
     digest: str | None
-    containers: frozenset[str]
+    containers: tuple[str, ...]
 
     @property
     def id(self) -> str:
@@ -100,7 +100,7 @@ def _named(
 ) -> dict[str, Dependency]:
     """Configs listed in ``…/reload`` but not referenced by the pod spec (Stakater allows this)."""
     policy, found = workload.policy, {}
-    first = frozenset({workload.first_container}) if workload.first_container else frozenset()
+    first = (workload.first_container,) if workload.first_container else ()
     for kind in CONFIG_KINDS:
         if kind not in configs:
             continue

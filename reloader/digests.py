@@ -25,8 +25,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-import sys
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import orjson
@@ -40,10 +39,11 @@ ABSENT = ""
 """The recorded digest of a config that was missing when the record was made: its creation later is
 then told apart from a config that merely became a dependency (an opt-in, a new reference)."""
 PER_KEY_DIGEST_BYTES = 16
-KeyDigests = tuple[str | bytes, ...]
-"""Per-data-key digests of one config: the sorted key names, then one bytes object holding their
-digests end to end. Flat because thousands are cached: one tuple and one bytes object per config
-instead of a tuple per key (read it with ``digest_items``)."""
+KeyDigests = bytes
+"""Per-data-key digests of one config, packed into one bytes object (read it with
+``digest_items``): for each key, in name order, the framed name and its digest. One object per
+config because tens of thousands are cached: a tuple of names beside the digests cost 56 bytes
+more per config, a tuple per key far more."""
 
 _MISSING_KEY = b"\x00absent"
 
@@ -70,8 +70,27 @@ class DigestKey:
         return f"DigestKey(key_id={self.key_id!r})"
 
 
+def _utf8(text: str) -> bytes:
+    """Names and digests kept as bytes: UTF-8, where any string JSON can carry survives."""
+    return text.encode("utf-8", "surrogatepass")
+
+
+def _text_of(data: bytes) -> str:
+    return data.decode("utf-8", "surrogatepass")
+
+
 def _framed(*parts: bytes) -> bytes:
     return b"".join(len(part).to_bytes(4, "big") + part for part in parts)
+
+
+def _unframed(framed: bytes) -> list[bytes]:
+    """The parts ``_framed`` joined."""
+    parts, at = [], 0
+    while at < len(framed):
+        size = int.from_bytes(framed[at : at + 4], "big")
+        parts.append(framed[at + 4 : at + 4 + size])
+        at += 4 + size
+    return parts
 
 
 def _identity(config: ConfigKey) -> bytes:
@@ -97,18 +116,15 @@ def key_digests(
         for name, value in (source or {}).items():
             framed = _framed(identity, tag, name.encode(), value.encode())
             mac = hmac.new(key.secret, framed, hashlib.sha256)
-            # Interned: the same key names ("config.yaml", "password") recur across thousands.
-            entries.append((sys.intern(name), mac.digest()[:PER_KEY_DIGEST_BYTES]))
+            entries.append((name, mac.digest()[:PER_KEY_DIGEST_BYTES]))
     entries.sort()
-    return (*(name for name, _ in entries), b"".join(digest for _, digest in entries))
+    return b"".join(_framed(_utf8(name), digest) for name, digest in entries)
 
 
 def digest_items(digests: KeyDigests) -> dict[str, bytes]:
     """Key name → digest, from the packed form."""
-    *names, packed = digests
-    assert isinstance(packed, bytes)
-    size = PER_KEY_DIGEST_BYTES
-    return {str(name): packed[i * size : (i + 1) * size] for i, name in enumerate(names)}
+    parts = _unframed(digests)
+    return {_text_of(name): digest for name, digest in zip(parts[::2], parts[1::2], strict=True)}
 
 
 def reference_digest(
@@ -152,12 +168,20 @@ class Recorded:
     """
 
     key_id: str
-    configs: tuple[tuple[str, str], ...]
+    packed_configs: bytes
+    """``configs``, packed (``pack_configs``): every watched workload carrying a record keeps one,
+    and (id, digest) string pairs cost about 200 bytes per config, the packed form about 60."""
     restarted_at: int | None = None
     uid: str = ""
     template: str = ""
     version: int = RECORD_VERSION
     reset: str | None = None
+
+    @property
+    def configs(self) -> tuple[tuple[str, str], ...]:
+        """(config id, digest) pairs, sorted by id."""
+        parts = [_text_of(part) for part in _unframed(self.packed_configs)]
+        return tuple(zip(parts[::2], parts[1::2], strict=True))
 
     def as_dict(self) -> dict[str, str]:
         return dict(self.configs)
@@ -177,14 +201,19 @@ class Recorded:
         uid: str = "",
         template: str = "",
     ) -> Recorded:
-        return cls(key_id, tuple(sorted(configs.items())), restarted_at, uid, template)
+        return cls(key_id, pack_configs(configs.items()), restarted_at, uid, template)
 
     @classmethod
     def nothing(
         cls, *, uid: str, template: str, restarted_at: int | None = None, reset: str | None = None
     ) -> Recorded:
         """No usable record on an object with this binding; ``reset``: why one found was not."""
-        return cls("", (), restarted_at, uid, template, RECORD_VERSION, reset)
+        return cls("", b"", restarted_at, uid, template, RECORD_VERSION, reset)
+
+
+def pack_configs(configs: Iterable[tuple[str, str]]) -> bytes:
+    """(config id, digest) pairs as one bytes object, sorted by id, each string framed."""
+    return b"".join(_framed(_utf8(ident), _utf8(digest)) for ident, digest in sorted(configs))
 
 
 def encode_record(record: Recorded) -> str:
@@ -233,7 +262,7 @@ def decode_record(value: str | None) -> Recorded | None:
         return None
     return Recorded(
         key_id,
-        tuple(sorted(configs.items())),
+        pack_configs(configs.items()),
         restarted_at=_integer(body, "restartedAt"),
         uid=_text(body, "uid"),
         template=_text(body, "template"),

@@ -1,4 +1,4 @@
-"""ReferenceIndex: which workloads depend on which configs, both ways, updated per event.
+"""ReferenceIndex: which workloads depend on which configs, updated per event.
 
 Guarantees:
 - Updating the index for one workload costs O(its references), never a scan of the cluster; a
@@ -9,15 +9,24 @@ Guarantees:
   may have changed", and the worker reads current state (level-triggered).
 - A config that does not exist yet is indexed like any other: when it is created its dependents are
   found, so an optional reference made before its config is picked up.
+
+Memory: at 20,000 referenced configs the index was the largest thing the controller kept (a key
+object and a set per config, a frozenset of keys per workload: about 7 MiB). Now a config costs one
+dict entry whose key is the name string the workload's snapshot already holds, and whose value is
+the one dependent workload's key (a set only when several share the config); the forward map is
+not stored but recomputed from the indexed snapshot, which the informer keeps anyway.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from reloader.model import CONFIG_KINDS, ConfigKey, ConfigKind, WorkloadKey
 from reloader.snapshots import ConfigSnapshot, WorkloadSnapshot
+
+Dependents = WorkloadKey | set[WorkloadKey]
+"""One workload's key, or a set of them when several depend on one config (the rare case)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,12 +36,14 @@ class IndexStatistics:
     pattern_workloads: int
 
 
-def _exact_dependencies(workload: WorkloadSnapshot) -> frozenset[ConfigKey]:
-    namespace = workload.key.namespace
-    keys = {ConfigKey(ref.kind, namespace, ref.name) for ref in workload.references}
+def _exact_dependencies(workload: WorkloadSnapshot) -> Iterator[tuple[ConfigKind, str]]:
+    """(kind, name) of every config the workload references or lists by exact name; a name may
+    come twice (referenced and listed)."""
+    for ref in workload.references:
+        yield ref.kind, ref.name
     for kind in CONFIG_KINDS:
-        keys.update(ConfigKey(kind, namespace, name) for name in workload.policy.exact_names(kind))
-    return frozenset(keys)
+        for name in workload.policy.exact_names(kind):
+            yield kind, name
 
 
 def _needs_look(workload: WorkloadSnapshot) -> bool:
@@ -40,25 +51,41 @@ def _needs_look(workload: WorkloadSnapshot) -> bool:
     return workload.policy.opted_in or bool(workload.problems) or workload.paused_at is not None
 
 
+def _members(dependents: Dependents | None) -> frozenset[WorkloadKey]:
+    if dependents is None:
+        return frozenset()
+    if isinstance(dependents, WorkloadKey):
+        return frozenset({dependents})
+    return frozenset(dependents)
+
+
 class ReferenceIndex:
-    """Forward (workload → configs) and reverse (config → workloads) maps."""
+    """Reverse (config → workloads) map, by (kind, namespace) then name; and the snapshot each
+    workload was indexed with, from which its forward map is recomputed when it is re-indexed."""
 
     def __init__(self) -> None:
-        self._dependents: dict[ConfigKey, set[WorkloadKey]] = defaultdict(set)
-        self._dependencies: dict[WorkloadKey, frozenset[ConfigKey]] = {}
-        self._patterns: dict[tuple[str, ConfigKind], dict[WorkloadKey, WorkloadSnapshot]] = {}
+        self._dependents: dict[tuple[ConfigKind, str], dict[str, Dependents]] = {}
+        self._indexed: dict[WorkloadKey, WorkloadSnapshot] = {}
+        self._patterns: dict[tuple[ConfigKind, str], dict[WorkloadKey, WorkloadSnapshot]] = {}
 
     def dependents(self, config: ConfigKey) -> frozenset[WorkloadKey]:
         """Workloads that reference ``config`` or list it by exact name."""
-        return frozenset(self._dependents.get(config, ()))
+        names = self._dependents.get((config.kind, config.namespace))
+        return _members(names.get(config.name) if names is not None else None)
 
     def dependencies(self, workload: WorkloadKey) -> frozenset[ConfigKey]:
-        return self._dependencies.get(workload, frozenset())
+        indexed = self._indexed.get(workload)
+        if indexed is None:
+            return frozenset()
+        namespace = workload.namespace
+        return frozenset(
+            ConfigKey(kind, namespace, name) for kind, name in _exact_dependencies(indexed)
+        )
 
     def statistics(self) -> IndexStatistics:
         return IndexStatistics(
-            workloads=len(self._dependencies),
-            configs=len(self._dependents),
+            workloads=len(self._indexed),
+            configs=sum(len(names) for names in self._dependents.values()),
             pattern_workloads=sum(len(group) for group in self._patterns.values()),
         )
 
@@ -86,8 +113,8 @@ class ReferenceIndex:
         if snapshot is None:
             return frozenset()
         config = snapshot.key
-        found = set(self._dependents.get(config, ()))
-        for key, workload in self._patterns.get((config.namespace, config.kind), {}).items():
+        found = set(self.dependents(config))
+        for key, workload in self._patterns.get((config.kind, config.namespace), {}).items():
             if workload.policy.wants(config.kind, config.name, referenced=False, match=False):
                 found.add(key)
         return frozenset(found)
@@ -95,23 +122,41 @@ class ReferenceIndex:
     def _index(self, workload: WorkloadSnapshot) -> None:
         if not workload.policy.opted_in:
             return
-        dependencies = _exact_dependencies(workload)
-        self._dependencies[workload.key] = dependencies
-        for config in dependencies:
-            self._dependents[config].add(workload.key)
+        key = workload.key
+        self._indexed[key] = workload
+        for kind, name in _exact_dependencies(workload):
+            names = self._dependents.setdefault((kind, key.namespace), {})
+            present = names.get(name)
+            if present is None:
+                names[name] = key
+            elif isinstance(present, set):
+                present.add(key)
+            elif present != key:
+                names[name] = {present, key}
         for kind in CONFIG_KINDS:
             if workload.policy.has_regex(kind):
-                group = self._patterns.setdefault((workload.key.namespace, kind), {})
-                group[workload.key] = workload
+                self._patterns.setdefault((kind, key.namespace), {})[key] = workload
 
     def _unindex(self, key: WorkloadKey) -> None:
-        for config in self._dependencies.pop(key, frozenset()):
-            dependents = self._dependents.get(config)
-            if dependents is not None:
-                dependents.discard(key)
-                if not dependents:
-                    del self._dependents[config]
+        indexed = self._indexed.pop(key, None)
+        if indexed is not None:
+            for kind, name in _exact_dependencies(indexed):
+                self._forget(kind, key.namespace, name, key)
         for kind in CONFIG_KINDS:
-            group = self._patterns.get((key.namespace, kind))
+            group = self._patterns.get((kind, key.namespace))
             if group is not None and group.pop(key, None) is not None and not group:
-                del self._patterns[(key.namespace, kind)]
+                del self._patterns[(kind, key.namespace)]
+
+    def _forget(self, kind: ConfigKind, namespace: str, name: str, key: WorkloadKey) -> None:
+        names = self._dependents.get((kind, namespace))
+        present = names.get(name) if names is not None else None
+        if names is None or present is None:
+            return
+        if isinstance(present, set):
+            present.discard(key)
+            if len(present) == 1:
+                names[name] = next(iter(present))
+        elif present == key:
+            del names[name]
+        if not names:
+            del self._dependents[(kind, namespace)]

@@ -82,7 +82,8 @@ class ConfigRef:
     kind: ConfigKind
     name: str
     keys: frozenset[str] | None
-    containers: frozenset[str]
+    containers: tuple[str, ...]
+    """Sorted, without repeats."""
 
 
 # --- raw bodies -------------------------------------------------------------------------------

@@ -106,7 +106,7 @@ def triggered(decision: Decision, deps: Mapping[str, Dependency]) -> list[Depend
         dep = deps.get(ident)
         if dep is None:
             kind, _, name = ident.partition("/")
-            dep = Dependency(kind, name, None, frozenset())  # type: ignore[arg-type]
+            dep = Dependency(kind, name, None, ())  # type: ignore[arg-type]
         found.append(dep)
     return found
 

@@ -85,7 +85,8 @@ class ConfigSnapshot:
 @dataclass(frozen=True, slots=True)
 class WorkloadSnapshot:
     key: WorkloadKey
-    references: frozenset[ConfigRef]
+    references: tuple[ConfigRef, ...]
+    """One per (kind, name), sorted (``references.find_references``)."""
     policy: Policy
     problems: tuple[Problem, ...]
     recorded: Recorded | None
@@ -304,9 +305,7 @@ def workload_snapshot(
     spec = obj.get("spec")
     return WorkloadSnapshot(
         key=WorkloadKey(kind.name, metadata.get("namespace", ""), metadata.get("name", "")),
-        references=(
-            find_references(pod_spec or {}, csi=context.csi) if policy.opted_in else frozenset()
-        ),
+        references=(find_references(pod_spec or {}, csi=context.csi) if policy.opted_in else ()),
         policy=policy,
         problems=problems,
         recorded=recorded,

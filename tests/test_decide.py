@@ -9,7 +9,7 @@ KEY_ID = "key-1"
 
 
 def dep(name: str, digest: str | None, kind: str = "ConfigMap") -> tuple[str, Dependency]:
-    return f"{kind}/{name}", Dependency(kind, name, digest, frozenset({"app"}))  # type: ignore[arg-type]
+    return f"{kind}/{name}", Dependency(kind, name, digest, ("app",))  # type: ignore[arg-type]
 
 
 def run(

@@ -35,7 +35,7 @@ PAUSED_AT = "deployment.reloader.stakater.com/paused-at"
 def snapshot(kind: str = "Deployment") -> WorkloadSnapshot:
     return WorkloadSnapshot(
         key=WorkloadKey(kind, "ns", "web"),  # type: ignore[arg-type]
-        references=frozenset(),
+        references=(),
         policy=Policy(),
         problems=(),
         recorded=None,
@@ -46,7 +46,7 @@ def snapshot(kind: str = "Deployment") -> WorkloadSnapshot:
     )
 
 
-DEPS = {"ConfigMap/app-config": Dependency("ConfigMap", "app-config", "d2", frozenset({"app"}))}
+DEPS = {"ConfigMap/app-config": Dependency("ConfigMap", "app-config", "d2", ("app",))}
 RESTART = Decision(
     "restart", Recorded.of("k", {"ConfigMap/app-config": "d2"}), ("ConfigMap/app-config",), "x"
 )

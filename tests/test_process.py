@@ -117,6 +117,10 @@ async def test_process_rolls_on_secret_rotation_and_exits_cleanly(
     assert await _secret_exists(scene.api, scene.namespace, "reloader-hash-key")
 
 
+async def _answers(port: int) -> bool:
+    return (await asyncio.to_thread(http_get, port, "/healthz"))[0] != 0
+
+
 async def _secret_exists(api: Api, namespace: str, name: str) -> bool:
     secret = await api.get(SECRETS.object_path(namespace, name))
     return bool(secret.get("data", {}).get("key"))
@@ -146,20 +150,24 @@ async def test_sigterm_while_the_api_server_is_unreachable_exits_promptly(
     env = {k: v for k, v in os.environ.items() if k != "RELOADER_HASH_KEY"}
     if hash_key:
         env["RELOADER_HASH_KEY"] = hash_key
+    port = free_port()
     process = subprocess.Popen(
         [
             sys.executable,
             "-m",
             "reloader",
             f"--kubeconfig={path}",
-            f"--metrics-port={free_port()}",
+            f"--metrics-port={port}",
             "--metrics-address=127.0.0.1",
         ],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
-    await asyncio.sleep(3)
+    # The port opens after the signal handlers are set: from then on a SIGTERM is the
+    # controller's to handle (a fixed sleep raced a slow start on a busy machine).
+    await wait_for(lambda: _answers(port), timeout=60, message="the HTTP port never opened")
+    await asyncio.sleep(2)  # into the retry loop
     assert process.poll() is None, "exited on its own"
     process.send_signal(signal.SIGTERM)
     code = await asyncio.to_thread(process.wait, 15)

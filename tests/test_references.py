@@ -11,7 +11,17 @@ from reloader.references import find_references
 
 
 def ref(kind: ConfigKind, name: str, keys: set[str] | None, containers: set[str]) -> ConfigRef:
-    return ConfigRef(kind, name, None if keys is None else frozenset(keys), frozenset(containers))
+    return ConfigRef(
+        kind, name, None if keys is None else frozenset(keys), tuple(sorted(containers))
+    )
+
+
+def found(spec: dict[str, Any]) -> frozenset[ConfigRef]:
+    """The references as a set, after checking they come as a sorted tuple without repeats."""
+    references = find_references(spec)
+    idents = [(r.kind, r.name) for r in references]
+    assert isinstance(references, tuple) and idents == sorted(set(idents))
+    return frozenset(references)
 
 
 def container(name: str = "app", **fields: Any) -> dict[str, Any]:
@@ -130,7 +140,7 @@ MOUNTED = [container(volumeMounts=[mount("vol")])]
     ],
 )
 def test_reference_kinds(spec: dict[str, Any], expected: set[ConfigRef]) -> None:
-    assert find_references(spec) == expected
+    assert found(spec) == expected
 
 
 def test_volume_is_attributed_to_the_containers_that_mount_it() -> None:
@@ -145,12 +155,12 @@ def test_volume_is_attributed_to_the_containers_that_mount_it() -> None:
             {"name": "other", "emptyDir": {}},
         ],
     }
-    assert find_references(spec) == {ref("ConfigMap", "cm", None, {"init", "app"})}
+    assert found(spec) == {ref("ConfigMap", "cm", None, {"init", "app"})}
 
 
 def test_unmounted_volume_is_still_a_reference() -> None:
     spec = {"containers": [container()], "volumes": [{"name": "v", "secret": {"secretName": "s"}}]}
-    assert find_references(spec) == {ref("Secret", "s", None, set())}
+    assert found(spec) == {ref("Secret", "s", None, set())}
 
 
 def test_keys_of_several_uses_are_merged_into_one_reference() -> None:
@@ -161,7 +171,7 @@ def test_keys_of_several_uses_are_merged_into_one_reference() -> None:
         ],
         "initContainers": [container("i", env=[key_ref("configMapKeyRef", "cm", "x")])],
     }
-    assert find_references(spec) == {ref("ConfigMap", "cm", {"x", "y"}, {"a", "b", "i"})}
+    assert found(spec) == {ref("ConfigMap", "cm", {"x", "y"}, {"a", "b", "i"})}
 
 
 @pytest.mark.parametrize(
@@ -179,7 +189,7 @@ def test_whole_object_use_wins_over_keys(whole: dict[str, Any]) -> None:
         ],
         "volumes": [{"name": "v", "configMap": {"name": "cm"}}],
     }
-    assert find_references(spec) == {ref("ConfigMap", "cm", None, {"a", "b"})}
+    assert found(spec) == {ref("ConfigMap", "cm", None, {"a", "b"})}
 
 
 def test_volume_items_and_env_keys_unite() -> None:
@@ -189,7 +199,7 @@ def test_volume_items_and_env_keys_unite() -> None:
         ],
         "volumes": [{"name": "v", "secret": {"secretName": "s", "items": items("password")}}],
     }
-    assert find_references(spec) == {ref("Secret", "s", {"user", "password"}, {"app"})}
+    assert found(spec) == {ref("Secret", "s", {"user", "password"}, {"app"})}
 
 
 def test_same_name_different_kinds_are_two_references() -> None:
@@ -198,7 +208,7 @@ def test_same_name_different_kinds_are_two_references() -> None:
             container(envFrom=[{"configMapRef": {"name": "x"}}, {"secretRef": {"name": "x"}}])
         ]
     }
-    assert find_references(spec) == {
+    assert found(spec) == {
         ref("ConfigMap", "x", None, {"app"}),
         ref("Secret", "x", None, {"app"}),
     }
@@ -206,12 +216,12 @@ def test_same_name_different_kinds_are_two_references() -> None:
 
 def test_key_ref_without_key_reads_the_whole_object() -> None:
     spec = {"containers": [container(env=[key_ref("configMapKeyRef", "cm", key=None)])]}
-    assert find_references(spec) == {ref("ConfigMap", "cm", None, {"app"})}
+    assert found(spec) == {ref("ConfigMap", "cm", None, {"app"})}
 
 
 def test_plain_env_values_are_not_references() -> None:
     spec = {"containers": [container(env=[{"name": "A", "value": "b"}])]}
-    assert find_references(spec) == frozenset()
+    assert found(spec) == frozenset()
 
 
 @pytest.mark.parametrize(
@@ -281,7 +291,7 @@ def test_plain_env_values_are_not_references() -> None:
     ],
 )
 def test_ignored_sources(spec: dict[str, Any]) -> None:
-    assert find_references(spec) == frozenset()
+    assert found(spec) == frozenset()
 
 
 @pytest.mark.parametrize(
@@ -324,7 +334,7 @@ def test_ignored_sources(spec: dict[str, Any]) -> None:
     ],
 )
 def test_malformed_specs_never_raise(spec: Any) -> None:
-    assert find_references(spec) == frozenset()
+    assert found(spec) == frozenset()
 
 
 def test_malformed_items_read_the_whole_object() -> None:
@@ -337,7 +347,7 @@ def test_malformed_items_read_the_whole_object() -> None:
             },
         ]
     }
-    assert find_references(spec) == {
+    assert found(spec) == {
         ref("ConfigMap", "x", None, set()),
         ref("Secret", "y", None, set()),
     }
@@ -345,4 +355,4 @@ def test_malformed_items_read_the_whole_object() -> None:
 
 def test_container_without_a_name_still_references() -> None:
     spec = {"containers": [{"envFrom": [{"secretRef": {"name": "s"}}]}]}
-    assert find_references(spec) == {ref("Secret", "s", None, set())}
+    assert found(spec) == {ref("Secret", "s", None, set())}

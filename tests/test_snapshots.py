@@ -84,7 +84,7 @@ def test_workload_snapshot_of_an_opted_in_deployment() -> None:
     )  # type: ignore[arg-type]
 
     assert snap.policy.opted_in
-    assert snap.references == frozenset({ConfigRef("ConfigMap", "cfg", None, frozenset({"app"}))})
+    assert snap.references == (ConfigRef("ConfigMap", "cfg", None, ("app",)),)
     assert snap.containers == ("app", "sidecar")
     assert snap.paused
     assert snap.paused_at == 1767323045.0
@@ -93,7 +93,7 @@ def test_workload_snapshot_of_an_opted_in_deployment() -> None:
 def test_workload_that_does_not_opt_in_keeps_no_references() -> None:
     snap = workload_snapshot(KINDS["Deployment"], deployment({}), context=CONTEXT)  # type: ignore[arg-type]
     assert not snap.policy.opted_in
-    assert snap.references == frozenset()
+    assert snap.references == ()
 
 
 def test_cronjob_template_is_found_under_the_job_template() -> None:
