@@ -551,6 +551,7 @@ class Controller:
         await self._resume_pending_jobs()
         self._working = True
         log.info("starting workers", extra={"workers": self.settings.workers})
+        trimming = asyncio.create_task(self._release_after_first_pass())
         try:
             async with asyncio.TaskGroup() as group:
                 for _ in range(self.settings.workers):
@@ -563,7 +564,18 @@ class Controller:
                         )
                     )
         finally:
+            trimming.cancel()
             self._working = False
+
+    async def _release_after_first_pass(self) -> None:
+        """Trim again once the first look at every opted-in workload is done: at scale that pass
+        (a decision, and at first sight a record, per workload) is the second start-up burst of
+        short-lived objects; the trim after the sync could not return it."""
+        while True:
+            await asyncio.sleep(FIRST_PASS_POLL_SECONDS)
+            if not any(self._queue_depth()):  # nothing ready, deferred or being synced
+                release_freed_memory()
+                return
 
     def may_write(self) -> bool:
         """Whether this replica may write now: always without ``--enable-ha``; with it, only
@@ -658,6 +670,9 @@ def build_leader(api: Api, settings: Settings) -> LeaderElector | None:
         identity=settings.identity,
         timings=timings,
     )
+
+
+FIRST_PASS_POLL_SECONDS = 1.0
 
 
 def release_freed_memory() -> None:

@@ -1,10 +1,15 @@
-"""The API client turns bodies that are not JSON objects into a retryable error, not a crash."""
+"""The API client turns bodies that are not JSON objects into a retryable error, not a crash, and
+goes through the proxy the environment names (resolved once, not per request)."""
 
 from __future__ import annotations
 
-import pytest
+import asyncio
 
-from reloader.kube import ApiUnavailable, _decode_object
+import pytest
+from kubernetes_asyncio.client.configuration import Configuration
+
+from reloader.kube import Api, ApiUnavailable, _decode_object
+from tests.controlplane.envtest import free_port
 
 
 @pytest.mark.parametrize(
@@ -20,3 +25,82 @@ def test_a_body_that_is_not_a_json_object_is_retryable(payload: bytes) -> None:
 
 def test_a_json_object_decodes() -> None:
     assert _decode_object(b'{"kind": "Status", "code": 410}') == {"kind": "Status", "code": 410}
+
+
+# --- the proxy from the environment, resolved once -----------------------------------------------
+
+
+class _ProxyListener:
+    """A TCP server that records the first line each client sends (a proxy sees ``CONNECT``)
+    and hangs up."""
+
+    def __init__(self) -> None:
+        self.first_lines: list[bytes] = []
+        self.server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> str:
+        self.server = await asyncio.start_server(self._answer, "127.0.0.1", 0)
+        host, port = self.server.sockets[0].getsockname()[:2]
+        return f"http://{host}:{port}"
+
+    async def __aexit__(self, *_: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        await self.server.wait_closed()
+
+    async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.first_lines.append(await reader.readline())
+        writer.close()
+
+
+def _configuration(server: str) -> Configuration:
+    configuration = Configuration()
+    configuration.host = server
+    return configuration
+
+
+@pytest.fixture
+def no_proxy_environment(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+async def test_the_https_proxy_of_the_environment_carries_the_requests(
+    no_proxy_environment: pytest.MonkeyPatch,
+) -> None:
+    listener = _ProxyListener()
+    async with listener as proxy:
+        no_proxy_environment.setenv("HTTPS_PROXY", proxy)
+        api = Api(_configuration("https://api.cluster.invalid:6443"))
+        try:
+            with pytest.raises(ApiUnavailable):
+                await api.get("/api/v1/namespaces/default")
+        finally:
+            await api.close()
+    assert listener.first_lines, "the proxy was not used"
+    assert set(listener.first_lines) == {b"CONNECT api.cluster.invalid:6443 HTTP/1.1\r\n"}
+
+
+async def test_no_proxy_and_later_changes_to_the_environment_are_honoured_as_at_start(
+    no_proxy_environment: pytest.MonkeyPatch,
+) -> None:
+    """``NO_PROXY`` keeps the API server off the proxy, and the environment is read when the
+    client is made, not on every request (a proxy set afterwards is not used)."""
+    listener = _ProxyListener()
+    async with listener as proxy:
+        no_proxy_environment.setenv("HTTPS_PROXY", proxy)
+        no_proxy_environment.setenv("NO_PROXY", "127.0.0.1")
+        bypassed = Api(_configuration(f"https://127.0.0.1:{free_port()}"))
+        no_proxy_environment.delenv("NO_PROXY")
+        no_proxy_environment.delenv("HTTPS_PROXY")
+        direct = Api(_configuration(f"https://127.0.0.1:{free_port()}"))
+        no_proxy_environment.setenv("HTTPS_PROXY", proxy)
+        try:
+            for api in (bypassed, direct):
+                with pytest.raises(ApiUnavailable):
+                    await api.get("/api/v1/namespaces/default")
+        finally:
+            await bypassed.close()
+            await direct.close()
+    assert listener.first_lines == []
