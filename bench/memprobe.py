@@ -1,14 +1,18 @@
 """Where the memory per cached object goes, without a cluster.
 
 The scale run measures RSS from outside, which mixes the cache with what the allocator keeps after
-decoding the initial lists. This probe runs the informer's own page path (``Informer._list``'s
-``_upsert_page`` with the controller's transforms) in-process, on list pages encoded as the API
-server sends them (metadata with uid, resourceVersion, timestamps and ``managedFields``), and
-reports:
+decoding the initial lists. This probe builds the controller itself (``app.Controller``: its
+informers with their transforms, the reference index and the work queue they feed; no request is
+sent) and runs each informer's own page path (``Informer._list``'s ``_upsert_page``) in-process, on
+list pages encoded as the API server sends them (metadata with uid, resourceVersion, timestamps and
+``managedFields``), and reports:
 
 - the RSS delta after the sync, after ``release_freed_memory`` (what the controller does), and
   per cached object;
-- with ``--trace``, the tracemalloc size of the store and the top allocation sites still alive.
+- with ``--trace``, the tracemalloc size of what stays alive and the top allocation sites.
+
+What it leaves out, and the scale run includes: the records on workloads (about 600 B per
+Deployment with ten configs), the connections' buffers, and the first pass over the workloads.
 
 Run: ``python -m bench.memprobe`` (10k ConfigMaps + 10k Secrets of 4 KiB + 2k Deployments).
 """
@@ -16,23 +20,24 @@ Run: ``python -m bench.memprobe`` (10k ConfigMaps + 10k Secrets of 4 KiB + 2k De
 from __future__ import annotations
 
 import argparse
+import asyncio
 import gc
 import os
 import sys
 import tracemalloc
-from collections.abc import Callable, Iterator
-from functools import partial
+from collections.abc import Iterator
 from typing import Any, cast
 
 import orjson
 import psutil
+from kubernetes_asyncio.client.configuration import Configuration
 
 from bench.scale import ScaleSizes, objects
-from reloader.annotations import AnnotationNames
-from reloader.app import release_freed_memory
+from reloader.app import Controller, release_freed_memory
 from reloader.digests import DigestKey
-from reloader.model import CONFIG_RESOURCES, KINDS, ObjectKey, RawObject
-from reloader.snapshots import SnapshotContext, config_snapshot, workload_snapshot
+from reloader.kube import Api
+from reloader.model import ObjectKey, RawObject
+from reloader.settings import Settings
 from reloader.watch import CONFIG_PAGE_SIZE, PAGE_SIZE, Informer
 
 _KIND_BY_PLURAL = {"configmaps": "ConfigMap", "secrets": "Secret", "deployments": "Deployment"}
@@ -79,19 +84,14 @@ def pages(sizes: ScaleSizes, config_page: int) -> Iterator[tuple[str, bytes]]:
         yield current, orjson.dumps({"metadata": {}, "items": items})
 
 
-def _informers(context: SnapshotContext) -> dict[str, Informer[Any]]:
-    api: Any = None  # the page path never sends a request
-    made: dict[str, Informer[Any]] = {}
-    for kind, resource in CONFIG_RESOURCES.items():
-        transform: Callable[[RawObject], Any] = partial(config_snapshot, kind, context=context)
-        made[kind] = Informer[Any](api=api, resource=resource, transform=transform)
-    deployment = KINDS["Deployment"]
-    made["Deployment"] = Informer[Any](
-        api=api,
-        resource=deployment.resource,
-        transform=partial(workload_snapshot, deployment, context=context),
+def _controller() -> Controller:
+    """The controller as ``reloader`` builds it with default settings; its API client is never
+    used (the page path sends no request)."""
+    return Controller(
+        settings=Settings(),
+        api=Api(Configuration()),
+        digest_key=DigestKey.from_secret(b"k" * 32),
     )
-    return made
 
 
 def rss() -> int:
@@ -99,6 +99,10 @@ def rss() -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
+    asyncio.run(_probe(argv))
+
+
+async def _probe(argv: list[str] | None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.memprobe", description=__doc__)
     parser.add_argument("--configmaps", type=int, default=10_000)
     parser.add_argument("--secrets", type=int, default=10_000)
@@ -112,10 +116,8 @@ def main(argv: list[str] | None = None) -> None:
     encoded = list(
         pages(sizes, args.config_page_size)
     )  # the bodies exist before the probe, as on the wire
-    context = SnapshotContext(
-        digest_key=DigestKey.from_secret(b"k" * 32), names=AnnotationNames(), auto_reload_all=False
-    )
-    informers = _informers(context)
+    controller = _controller()
+    informers: dict[str, Informer[Any]] = {**controller.configs, **controller.workloads}
     release_freed_memory()
     if args.trace:
         tracemalloc.start()
@@ -148,6 +150,7 @@ def main(argv: list[str] | None = None) -> None:
         for stat in tracemalloc.take_snapshot().statistics("lineno")[:12]:
             print(f"  {stat.size / 2**20:7.2f} MiB {stat.count:8d} {stat.traceback}")
     sys.stdout.flush()
+    await controller.api.close()
 
 
 if __name__ == "__main__":

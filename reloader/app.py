@@ -54,7 +54,7 @@ from reloader.model import (
 )
 from reloader.notify import AlertConfig, Notifier, sink_of
 from reloader.queue import TokenBucket, WorkQueue
-from reloader.restart import Restarter, RestartPolicy, run_worker
+from reloader.restart import Restarter, RestartPolicy, run_worker, syncs_per_worker
 from reloader.settings import Settings, load_settings_or_exit
 from reloader.snapshots import (
     ConfigSnapshot,
@@ -552,6 +552,9 @@ class Controller:
         self._working = True
         log.info("starting workers", extra={"workers": self.settings.workers})
         trimming = asyncio.create_task(self._release_after_first_pass())
+        parallel = syncs_per_worker(
+            workers=self.settings.workers, restart_burst=self.settings.restart_burst
+        )
         try:
             async with asyncio.TaskGroup() as group:
                 for _ in range(self.settings.workers):
@@ -561,6 +564,7 @@ class Controller:
                             restarter=self.restarter,
                             metrics=self.metrics,
                             settled=self._settled,
+                            parallel=parallel,
                         )
                     )
         finally:

@@ -729,11 +729,20 @@ def denied_permission(error: ApiError) -> str:
     return f"{verb} {resource}.{group}" if group else f"{verb} {resource}"
 
 
-SYNCS_PER_WORKER = 8
-"""Keys one worker syncs at once. A sync is mostly waiting for the API server (a patch takes 20 ms
-to 300 ms), so four workers one key at a time capped a fan-out at about 4 / latency restarts a
-second, well under the global restart rate they are meant to be held to. The rate is the
-token bucket's job; this only bounds the requests in flight."""
+MAX_SYNCS_IN_FLIGHT = 64
+"""Syncs in flight over all workers at most: the API client's pool holds 100 connections, and
+lists, Events and the Lease need some of them."""
+
+
+def syncs_per_worker(*, workers: int, restart_burst: int) -> int:
+    """Keys one worker syncs at once: all workers together as many as the restart budget lets
+    out at once (its burst), within ``MAX_SYNCS_IN_FLIGHT``; at least one each.
+
+    A sync is mostly waiting for the API server (a patch takes 20 ms to 300 ms), so four workers
+    one key at a time capped a fan-out at about 4 / latency restarts a second, well under the
+    global restart rate they are meant to be held to. The rate is the token bucket's job; this
+    only bounds the requests in flight."""
+    return max(1, min(restart_burst, MAX_SYNCS_IN_FLIGHT) // max(1, workers))
 
 
 async def run_worker(
@@ -742,7 +751,7 @@ async def run_worker(
     restarter: Restarter,
     metrics: Metrics,
     settled: Callable[[WorkloadKey], None],
-    parallel: int = SYNCS_PER_WORKER,
+    parallel: int,
 ) -> None:
     """Pop keys until the queue shuts down, syncing up to ``parallel`` of them at once; retries
     belong to the queue, not to ``sync``. The queue never hands out a key that is being synced,

@@ -116,7 +116,15 @@ class Settings(BaseSettings):
         le=3600,
         description="Wait this long after a config change so a burst gives one rollout.",
     )
-    workers: int = Field(default=4, ge=1, le=256, description="Concurrent restart workers.")
+    workers: int = Field(
+        default=4,
+        ge=1,
+        le=256,
+        description=(
+            "Restart workers; together they sync as many workloads at once as --restart-burst"
+            " lets out, at most 64."
+        ),
+    )
     min_restart_interval_seconds: float = Field(
         default=10.0,
         ge=0,

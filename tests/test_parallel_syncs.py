@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 
+from reloader.restart import MAX_SYNCS_IN_FLIGHT, syncs_per_worker
 from tests.conftest import TestCluster
 from tests.faultproxy import Fault, FaultProxy
 from tests.scenario import Cluster, container, deployment, env_from, wait_for
@@ -58,3 +59,17 @@ async def test_one_worker_has_several_restarts_in_flight(
         await wait_for(all_restarted, timeout=60, message="every Deployment restarted")
         await scene.stop_controllers()  # before the proxy closes the controller's client
     assert most >= 2, f"at most {most} restart in flight with one worker"
+
+
+@pytest.mark.parametrize(
+    ("workers", "burst", "each"),
+    [
+        pytest.param(4, 50, 12, id="defaults: 48 in flight"),
+        pytest.param(4, 1000, 16, id="a high burst: capped at 64 in all"),
+        pytest.param(1, 50, 50, id="one worker takes the whole burst"),
+        pytest.param(8, 3, 1, id="a burst under the workers: one each"),
+    ],
+)
+def test_syncs_in_flight_follow_the_restart_burst(workers: int, burst: int, each: int) -> None:
+    assert syncs_per_worker(workers=workers, restart_burst=burst) == each
+    assert workers * each <= max(workers, MAX_SYNCS_IN_FLIGHT)
