@@ -34,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
-from reloader.kube import Api, ApiError, ApiNotFound
+from reloader.kube import Api, ApiError, ApiNotFound, wait_before_retry
 from reloader.metrics import Metrics
 from reloader.model import EVENTS
 from reloader.queue import TokenBucket
@@ -297,7 +297,7 @@ class EventRecorder:
                 if not _retryable(error) or attempt == WRITE_ATTEMPTS - 1:
                     self._failed(series, error)
                     return
-                await asyncio.sleep(RETRY_DELAY * 2**attempt)
+                await asyncio.sleep(wait_before_retry(error, RETRY_DELAY * 2**attempt))
             else:
                 if self._failing:
                     log.info("writing events again")

@@ -10,7 +10,7 @@ Every failed request is classified once, here, into this tree (``__cause__`` kee
     ApiError                  status, reason, message from the Status body
     ├── ApiGone               410: resourceVersion too old; the informer relists
     ├── ApiConflict           409: object changed since read; retried through the queue
-    ├── ApiTooManyRequests    429: throttled; retried with backoff
+    ├── ApiTooManyRequests    429: throttled; retried with backoff, never before Retry-After
     ├── ApiForbidden          403: RBAC; reported, retried slowly
     ├── ApiNotFound           404: object gone; absorbed by callers
     ├── ApiInvalid            422/400: our request is wrong; not retried
@@ -121,15 +121,51 @@ LIST_PAGES_IN_FLIGHT = 3
 
 
 class ApiError(Exception):
-    """A request failed; ``status`` is the HTTP code (0 when there was no answer)."""
+    """A request failed; ``status`` is the HTTP code (0 when there was no answer).
+
+    ``retry_after``: seconds the server asked the client to wait before trying again (a 429 or
+    503 from API Priority and Fairness, in the ``Retry-After`` header or the Status body's
+    ``details.retryAfterSeconds``), at most ``MAX_RETRY_AFTER``; None when it asked nothing.
+    Whoever retries waits at least that long, as client-go does."""
 
     retryable = True
 
-    def __init__(self, status: int, reason: str, message: str) -> None:
+    def __init__(
+        self, status: int, reason: str, message: str, *, retry_after: float | None = None
+    ) -> None:
         super().__init__(f"{status} {reason}: {message}" if status else message)
         self.status = status
         self.reason = reason
         self.message = message
+        self.retry_after = retry_after
+
+
+MAX_RETRY_AFTER = 60.0
+"""The longest wait a server's ``Retry-After`` can impose: a broken proxy answering
+``Retry-After: 86400`` must not stall a watch or a restart for a day."""
+
+
+def wait_before_retry(error: ApiError, backoff: float) -> float:
+    """The client's own backoff, or what the server asked for if that is longer."""
+    return max(backoff, error.retry_after or 0.0)
+
+
+def _retry_after(header: str | None, status_body: Mapping[str, Any]) -> float | None:
+    """Seconds from ``Retry-After`` (the delay form; an HTTP date is not sent by the API server)
+    or else from ``details.retryAfterSeconds``; None when neither holds a usable number."""
+    details = status_body.get("details")
+    candidates = [
+        header,
+        details.get("retryAfterSeconds") if isinstance(details, dict) else None,
+    ]
+    for value in candidates:
+        try:
+            seconds = float(str(value).strip()) if value is not None else None
+        except ValueError:
+            continue
+        if seconds is not None and seconds == seconds and seconds >= 0:  # not NaN
+            return min(seconds, MAX_RETRY_AFTER)
+    return None
 
 
 class ApiGone(ApiError):
@@ -175,8 +211,11 @@ _BY_STATUS: dict[int, type[ApiError]] = {
 }
 
 
-def classify(status: int, body: bytes | Mapping[str, Any] | None) -> ApiError:
-    """Map a status code and a (possibly absent) Status body to the error tree."""
+def classify(
+    status: int, body: bytes | Mapping[str, Any] | None, *, retry_after: str | None = None
+) -> ApiError:
+    """Map a status code and a (possibly absent) Status body to the error tree; ``retry_after``
+    is the response's ``Retry-After`` header, if any."""
     parsed: Any = body
     if isinstance(body, bytes | bytearray):
         try:
@@ -190,7 +229,7 @@ def classify(status: int, body: bytes | Mapping[str, Any] | None) -> ApiError:
     if code == 500 and "too old resource version" in message:
         code = 410  # etcd compaction reported by old servers as an internal error
     error_type = _BY_STATUS.get(code) or (ApiServerError if code >= 500 else ApiError)
-    return error_type(code, reason, message)
+    return error_type(code, reason, message, retry_after=_retry_after(retry_after, status_body))
 
 
 @dataclass(frozen=True, slots=True)
@@ -304,7 +343,9 @@ class Api:
             except (TimeoutError, aiohttp.ClientError) as error:
                 raise ApiUnavailable(0, type(error).__name__, str(error)) from error
         if not 200 <= response.status < 300:
-            raise classify(response.status, payload)
+            raise classify(
+                response.status, payload, retry_after=response.headers.get("Retry-After")
+            )
         return _decode_object(payload) if payload else {}
 
     async def get(self, path: str) -> RawObject:
@@ -365,7 +406,8 @@ class Api:
         )
         async with response:
             if response.status != 200:
-                raise classify(response.status, await response.read())
+                header = response.headers.get("Retry-After")
+                raise classify(response.status, await response.read(), retry_after=header)
             # Split lines ourselves: aiohttp's readline() refuses lines over 64 KiB, and one event
             # carrying a large ConfigMap is a single line far longer than that.
             pending = bytearray()

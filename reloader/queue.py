@@ -360,8 +360,9 @@ class WorkQueue(Generic[K]):
 
     # --- retries --------------------------------------------------------------------------------
 
-    def retry(self, key: K) -> None:
-        """Queue ``key`` again once both its own backoff and the global rate allow."""
+    def retry(self, key: K, *, not_before: float = 0.0) -> None:
+        """Queue ``key`` again once its own backoff, the global rate and ``not_before`` seconds
+        (a server's ``Retry-After``) all allow."""
         self._retries += 1
         if self._shutting_down:
             return
@@ -369,7 +370,7 @@ class WorkQueue(Generic[K]):
         self._failures[key] = failures + 1
         exponent = min(failures, _MAX_EXPONENT)
         backoff = min(self._max_delay, self._base_delay * 2.0**exponent)
-        self.add(key, delay=max(backoff, self._bucket.reserve()))
+        self.add(key, delay=max(backoff, self._bucket.reserve(), not_before))
 
     def forget(self, key: K) -> None:
         """Reset the backoff of ``key``: call after a sync that succeeded."""

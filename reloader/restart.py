@@ -813,9 +813,10 @@ async def _failed(
             isinstance(error, ApiConflict) and queue.num_requeues(key) < CONFLICTS_BEFORE_WARNING
         )
         level = logging.DEBUG if expected else logging.WARNING
-        log.log(level, "write failed; will retry", extra=_fields(key, error=str(error)))
+        waits = {"retry_after": error.retry_after} if error.retry_after is not None else {}
+        log.log(level, "write failed; will retry", extra=_fields(key, error=str(error), **waits))
         metrics.retries.inc()
-        queue.retry(key)
+        queue.retry(key, not_before=error.retry_after or 0.0)
         return
     # Permanent (RBAC, or the server rejects the write itself): retrying cannot help. Absorb it,
     # loudly; the next change to the workload or its configs queues it again.

@@ -49,6 +49,7 @@ from reloader.kube import (
     ApiNotFound,
     ApiUnavailable,
     classify,
+    wait_before_retry,
 )
 from reloader.model import CONFIG_KINDS, ObjectKey, RawObject, Resource
 
@@ -287,7 +288,7 @@ class Informer(Generic[T]):
     ) -> float:
         """Count and log one failed list or watch; returns how long to back off."""
         self._restarts += 1
-        delay = backoff.next_delay()
+        delay = wait_before_retry(error, backoff.next_delay())
         fields = {
             "kind": self.resource.kind,
             "namespace": namespace or "*",

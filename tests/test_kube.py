@@ -8,7 +8,14 @@ import asyncio
 import pytest
 from kubernetes_asyncio.client.configuration import Configuration
 
-from reloader.kube import Api, ApiUnavailable, _decode_object
+from reloader.kube import (
+    MAX_RETRY_AFTER,
+    Api,
+    ApiUnavailable,
+    _decode_object,
+    classify,
+    wait_before_retry,
+)
 from tests.controlplane.envtest import free_port
 
 
@@ -104,3 +111,30 @@ async def test_no_proxy_and_later_changes_to_the_environment_are_honoured_as_at_
             await bypassed.close()
             await direct.close()
     assert listener.first_lines == []
+
+
+# --- Retry-After -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("header", "body", "expected"),
+    [
+        pytest.param("3", {"code": 429}, 3.0, id="header"),
+        pytest.param(None, {"code": 429, "details": {"retryAfterSeconds": 2}}, 2.0, id="details"),
+        pytest.param(
+            "5", {"code": 429, "details": {"retryAfterSeconds": 2}}, 5.0, id="header-first"
+        ),
+        pytest.param("86400", {"code": 503}, MAX_RETRY_AFTER, id="capped"),
+        pytest.param("Wed, 21 Oct 2026 07:28:00 GMT", {"code": 429}, None, id="date-form-ignored"),
+        pytest.param("-1", {"code": 429}, None, id="negative"),
+        pytest.param("nan", {"code": 429}, None, id="nan"),
+        pytest.param(None, {"code": 429, "details": "x"}, None, id="bad-details"),
+        pytest.param(None, {"code": 500}, None, id="none"),
+    ],
+)
+def test_retry_after_is_read_from_the_header_or_the_status(
+    header: str | None, body: dict[str, object], expected: float | None
+) -> None:
+    error = classify(int(str(body["code"])), body, retry_after=header)
+    assert error.retry_after == expected
+    assert wait_before_retry(error, 0.5) == max(0.5, expected or 0.0)

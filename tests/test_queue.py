@@ -302,6 +302,21 @@ async def test_retry_backoff_stays_finite_after_very_many_failures(make_queue: M
     assert await retry_once(queue, "a") == pytest.approx(clock.now + 60.0)
 
 
+async def test_a_retry_waits_at_least_what_the_server_asked(make_queue: MakeQueue) -> None:
+    """``not_before`` (a 429's Retry-After) wins over a shorter backoff, not over a longer one."""
+    clock = FakeClock()
+    queue = make_queue(clock=clock, overall_rate=0, max_delay=60.0)
+    queue.add("a")
+    assert await get(queue) == "a"
+    queue.retry("a", not_before=3.0)
+    queue.done("a")
+    assert queue.ready_at("a") == pytest.approx(clock.now + 3.0)
+    for _ in range(20):
+        queue.retry("b")  # a backoff of 60 s by now
+    assert await retry_once(queue, "b") == pytest.approx(clock.now + 60.0)
+    queue.forget("b")
+
+
 async def test_forget_resets_the_backoff(make_queue: MakeQueue) -> None:
     clock = FakeClock()
     queue = make_queue(clock=clock)

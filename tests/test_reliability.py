@@ -323,6 +323,36 @@ async def test_429_and_5xx_for_a_while_are_retried_with_backoff_then_succeed(
     )
 
 
+async def test_a_throttled_restart_waits_for_the_servers_retry_after(
+    proxy: FaultProxy, scene: Cluster
+) -> None:
+    """API Priority and Fairness answers 429 with ``Retry-After``: client-go waits that long
+    before trying again, and so must we. The first restart PATCH is answered 429 with
+    ``Retry-After: 3``; the queue's own backoff would retry it within milliseconds. The next PATCH
+    of that Deployment must come no sooner than 3 s later (the proxy's clock), and the Deployment
+    rolls exactly once."""
+    await scene.create_configmap("throttled", {"v": "1"})
+    containers = [container(**env_from("ConfigMap", "throttled"))]
+    await scene.create_workload(deployment("slow", annotations=AUTO, containers=containers))
+    await scene.start_controller(api=proxy.api())
+    await wait_settled(scene, ["slow"])
+
+    start = time.monotonic()
+    refusal = Fault(status=429, retry_after=3, times=1, path_contains="/slow")
+    refusal.methods = frozenset({"PATCH"})
+    proxy.add_fault(refusal)
+    await scene.patch_configmap("throttled", {"data": {"v": "2"}})
+
+    await assert_rollouts(scene, {"slow": 1}, timeout=30)
+    patches = [
+        a for a in proxy.log if a.method == "PATCH" and a.path.endswith("/slow") and a.at >= start
+    ]
+    assert [a.status for a in patches][:2] == [429, 200], patches
+    waited = patches[1].at - patches[0].at
+    assert waited >= 3.0, f"retried {waited:.2f} s after a 429 asking for 3 s"
+    figure("retry-after", asked=3, waited=round(waited, 2))
+
+
 # --- 5. patch conflicts; a workload deleted between decision and patch -------------------------
 
 
