@@ -361,7 +361,11 @@ class Restarter:
             await self._restart(workload, decision, deps)
         except RestartFailed as failure:
             if isinstance(failure.error, ApiNotFound):
-                return Outcome("gone")  # deleted since we read it; nothing left to restart
+                # Deleted since we read it; nothing left to restart. Counted apart from failures:
+                # it is neither a restart nor a refusal.
+                if decision.action == "restart":
+                    self._metrics.action_total.labels(workload_kind=key.kind, result="gone").inc()
+                return Outcome("gone")
             if isinstance(failure.error, ApiConflict):
                 # Nothing was written: the retry on fresh state keeps this turn, not a second one.
                 turns = self._restart_turns if decision.action == "restart" else self._record_turns

@@ -405,6 +405,8 @@ async def test_conflicting_writer_and_deletion_before_the_patch_are_handled(
     assert proxy.count(method="PATCH", contains="deployments", status=409) >= 1
     assert conflicts >= 1
     assert not_found == 1
+    gone = {"workload_kind": "Deployment", "result": "gone"}
+    assert registry.get_sample_value("reloader_action_total", gone) == 1
     assert controller.ready()[0]
     with pytest.raises(ApiNotFound):
         await scene.api.get(KINDS["Deployment"].resource.object_path(scene.namespace, "doomed"))
