@@ -159,6 +159,9 @@ class Restarter:
         self._in_scope = in_scope
         self._clock = clock
         self._reported: dict[WorkloadKey, tuple[object, ...]] = {}
+        self._deferrals: dict[WorkloadKey, tuple[str, ...]] = {}
+        """The triggers of each restart held back and already reported (``_report_deferral``):
+        until it happens, or is no longer needed, more deferrals of it write nothing."""
         self._unborn_jobs: dict[WorkloadKey, dict[str, Any]] = {}
         """Jobs deleted for a restart whose re-creation has not succeeded yet: kept here because
         the cache no longer has them, so a retry would otherwise find nothing and drop them."""
@@ -173,6 +176,7 @@ class Restarter:
 
     def _forget(self, key: WorkloadKey) -> None:
         self._reported.pop(key, None)
+        self._deferrals.pop(key, None)
         self._release(key)
 
     def _release(self, key: WorkloadKey) -> None:
@@ -183,7 +187,7 @@ class Restarter:
     def tracked(self) -> int:
         """Workloads this restarter holds state for (reported problems, reserved turns): bounded
         by the cache, since a workload that leaves it is forgotten."""
-        return len({*self._reported, *self._restart_turns, *self._record_turns})
+        return len({*self._reported, *self._deferrals, *self._restart_turns, *self._record_turns})
 
     def current(self, key: WorkloadKey) -> WorkloadSnapshot | None:
         informer = self._workloads.get(key.kind)
@@ -213,6 +217,7 @@ class Restarter:
         )
         if decision.action == "nothing":
             self._release(key)  # it may have reserved a turn while it still needed a write
+            self._deferrals.pop(key, None)
             return await self._pause_check(workload)
         if decision.action == "restart":
             wait = self._restart_wait(workload)
@@ -611,6 +616,7 @@ class Restarter:
 
     def _restarted(self, workload: WorkloadSnapshot, decision: Decision) -> None:
         key = workload.key
+        self._deferrals.pop(key, None)
         self._metrics.count_reload(namespace=key.namespace, success=True)
         self._metrics.action_total.labels(workload_kind=key.kind, result="success").inc()
         since = self._changed_since(key)
@@ -651,8 +657,13 @@ class Restarter:
 
     def _report_deferral(self, workload: WorkloadSnapshot, decision: Decision) -> None:
         """A restart held back leaves a Normal Event: storm control at work, not a fault, and the
-        restart follows by itself. The message names no time left, so while a config flaps the
-        repeats raise one Event's count."""
+        restart follows by itself. Once per held-back restart: a config flapping under the
+        minimum interval syncs the workload again at every change, and each of those used to
+        PATCH the Event's count. The message names no time left, so each later held-back
+        restart raises the one Event's count."""
+        if self._deferrals.get(workload.key) == decision.triggers:
+            return
+        self._deferrals[workload.key] = decision.triggers
         last, interval = workload.last_restart_at, self._policy.min_interval
         if last is not None and last + interval > self._clock():
             why = f"less than {interval:g}s since the last restart (minimum restart interval)"
