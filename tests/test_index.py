@@ -4,22 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from reloader.annotations import AnnotationNames
-from reloader.digests import DigestKey
 from reloader.index import ReferenceIndex
 from reloader.model import KINDS, ConfigKey, RawObject, WorkloadKey
-from reloader.snapshots import (
-    SnapshotContext,
-    WorkloadSnapshot,
-    config_snapshot,
-    workload_snapshot,
-)
+from reloader.snapshots import WorkloadSnapshot, config_snapshot, workload_snapshot
+from tests.test_snapshots import CONTEXT
 
-CONTEXT = SnapshotContext(
-    digest_key=DigestKey.from_secret(b"0123456789abcdef0123"),
-    names=AnnotationNames(),
-    auto_reload_all=False,
-)
 AUTO = {"reloader.stakater.com/auto": "true"}
 
 
