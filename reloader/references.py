@@ -138,10 +138,7 @@ def _merge(uses: Iterable[ConfigRef]) -> tuple[ConfigRef, ...]:
         ident = (use.kind, use.name)
         seen = merged.get(ident)
         merged[ident] = use if seen is None else _combine(seen, use)
-    return tuple(
-        ConfigRef(kind, name, ref.keys, ref.containers)
-        for (kind, name), ref in sorted(merged.items())
-    )
+    return tuple(ref for _, ref in sorted(merged.items()))
 
 
 def _combine(a: ConfigRef, b: ConfigRef) -> ConfigRef:
