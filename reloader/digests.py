@@ -83,14 +83,14 @@ def _framed(*parts: bytes) -> bytes:
     return b"".join(len(part).to_bytes(4, "big") + part for part in parts)
 
 
-def _unframed(framed: bytes) -> list[bytes]:
-    """The parts ``_framed`` joined."""
+def _unframed_pairs(framed: bytes) -> list[tuple[bytes, bytes]]:
+    """The parts ``_framed`` joined, two by two (name and digest, id and digest)."""
     parts, at = [], 0
     while at < len(framed):
         size = int.from_bytes(framed[at : at + 4], "big")
         parts.append(framed[at + 4 : at + 4 + size])
         at += 4 + size
-    return parts
+    return list(zip(parts[::2], parts[1::2], strict=True))
 
 
 def _identity(config: ConfigKey) -> bytes:
@@ -123,8 +123,7 @@ def key_digests(
 
 def digest_items(digests: KeyDigests) -> dict[str, bytes]:
     """Key name → digest, from the packed form."""
-    parts = _unframed(digests)
-    return {_text_of(name): digest for name, digest in zip(parts[::2], parts[1::2], strict=True)}
+    return {_text_of(name): digest for name, digest in _unframed_pairs(digests)}
 
 
 def reference_digest(
@@ -180,8 +179,8 @@ class Recorded:
     @property
     def configs(self) -> tuple[tuple[str, str], ...]:
         """(config id, digest) pairs, sorted by id."""
-        parts = [_text_of(part) for part in _unframed(self.packed_configs)]
-        return tuple(zip(parts[::2], parts[1::2], strict=True))
+        pairs = _unframed_pairs(self.packed_configs)
+        return tuple((_text_of(ident), _text_of(digest)) for ident, digest in pairs)
 
     def as_dict(self) -> dict[str, str]:
         return dict(self.configs)

@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import copy
 import importlib.util
+import math
 import os
 import sys
 from collections import Counter
@@ -154,16 +155,13 @@ def _retry_after(header: str | None, status_body: Mapping[str, Any]) -> float | 
     """Seconds from ``Retry-After`` (the delay form; an HTTP date is not sent by the API server)
     or else from ``details.retryAfterSeconds``; None when neither holds a usable number."""
     details = status_body.get("details")
-    candidates = [
-        header,
-        details.get("retryAfterSeconds") if isinstance(details, dict) else None,
-    ]
-    for value in candidates:
+    suggested = details.get("retryAfterSeconds") if isinstance(details, dict) else None
+    for value in (header, suggested):
         try:
-            seconds = float(str(value).strip()) if value is not None else None
+            seconds = float(str(value)) if value is not None else math.nan
         except ValueError:
             continue
-        if seconds is not None and seconds == seconds and seconds >= 0:  # not NaN
+        if seconds >= 0:  # NaN (absent, "nan") is not
             return min(seconds, MAX_RETRY_AFTER)
     return None
 
@@ -230,6 +228,12 @@ def classify(
         code = 410  # etcd compaction reported by old servers as an internal error
     error_type = _BY_STATUS.get(code) or (ApiServerError if code >= 500 else ApiError)
     return error_type(code, reason, message, retry_after=_retry_after(retry_after, status_body))
+
+
+def _refusal(response: aiohttp.ClientResponse, payload: bytes) -> ApiError:
+    """The error for a response that is not a success: its status, Status body and
+    ``Retry-After``."""
+    return classify(response.status, payload, retry_after=response.headers.get("Retry-After"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -343,9 +347,7 @@ class Api:
             except (TimeoutError, aiohttp.ClientError) as error:
                 raise ApiUnavailable(0, type(error).__name__, str(error)) from error
         if not 200 <= response.status < 300:
-            raise classify(
-                response.status, payload, retry_after=response.headers.get("Retry-After")
-            )
+            raise _refusal(response, payload)
         return _decode_object(payload) if payload else {}
 
     async def get(self, path: str) -> RawObject:
@@ -406,8 +408,7 @@ class Api:
         )
         async with response:
             if response.status != 200:
-                header = response.headers.get("Retry-After")
-                raise classify(response.status, await response.read(), retry_after=header)
+                raise _refusal(response, await response.read())
             # Split lines ourselves: aiohttp's readline() refuses lines over 64 KiB, and one event
             # carrying a large ConfigMap is a single line far longer than that.
             pending = bytearray()
