@@ -264,11 +264,11 @@ def test_a_queue_filled_before_the_loop_runs_arms_its_timer_on_get() -> None:
 # --- retries -------------------------------------------------------------------------------------
 
 
-async def retry_once(queue: WorkQueue[str], key: str) -> float | None:
+async def retry_once(queue: WorkQueue[str], key: str, not_before: float = 0.0) -> float | None:
     """One failed sync of ``key``; returns when the queue will hand it out again."""
     queue.add(key)  # makes it ready now even if a previous retry left it waiting
     assert await get(queue) == key
-    queue.retry(key)
+    queue.retry(key, not_before=not_before)
     queue.done(key)
     return queue.ready_at(key)
 
@@ -306,15 +306,10 @@ async def test_a_retry_waits_at_least_what_the_server_asked(make_queue: MakeQueu
     """``not_before`` (a 429's Retry-After) wins over a shorter backoff, not over a longer one."""
     clock = FakeClock()
     queue = make_queue(clock=clock, overall_rate=0, max_delay=60.0)
-    queue.add("a")
-    assert await get(queue) == "a"
-    queue.retry("a", not_before=3.0)
-    queue.done("a")
-    assert queue.ready_at("a") == pytest.approx(clock.now + 3.0)
+    assert await retry_once(queue, "a", not_before=3.0) == pytest.approx(clock.now + 3.0)
     for _ in range(20):
         queue.retry("b")  # a backoff of 60 s by now
-    assert await retry_once(queue, "b") == pytest.approx(clock.now + 60.0)
-    queue.forget("b")
+    assert await retry_once(queue, "b", not_before=3.0) == pytest.approx(clock.now + 60.0)
 
 
 async def test_forget_resets_the_backoff(make_queue: MakeQueue) -> None:
