@@ -295,7 +295,27 @@ def parse_policy(
         rollout_strategy=_rollout_strategy(meta, names.rollout_strategy, problems),
     )
     ordered = sorted(problems, key=lambda p: (p.annotation, p.value, p.reason))
-    return policy, tuple(ordered)
+    return _shared(policy), tuple(ordered)
+
+
+_SHARED_POLICIES: dict[Policy, Policy] = {}
+SHARED_POLICIES_MAX = 256
+"""Distinct policies kept for sharing. Most workloads carry one of a few policies (``auto:
+"true"``, the typed autos, a search): 2,000 Deployments held 2,000 equal policies of four objects
+each (about 280 B a workload). Named lists make a policy unique; when more than this many distinct
+ones have been seen the table starts again, so hostile variety costs a bounded amount."""
+
+
+def _shared(policy: Policy) -> Policy:
+    """An equal policy parsed before, if any: snapshots of workloads with the same annotations
+    then hold one object."""
+    found = _SHARED_POLICIES.get(policy)
+    if found is not None:
+        return found
+    if len(_SHARED_POLICIES) >= SHARED_POLICIES_MAX:
+        _SHARED_POLICIES.clear()
+    _SHARED_POLICIES[policy] = policy
+    return policy
 
 
 def _strings(annotations: Mapping[str, str] | None) -> dict[str, str]:

@@ -61,9 +61,11 @@ from reloader.snapshots import (
     SnapshotContext,
     WorkloadSnapshot,
     config_snapshot,
+    pack_config,
+    unpacker,
     workload_snapshot,
 )
-from reloader.watch import Backoff, Informer
+from reloader.watch import Backoff, Informer, Packing
 
 log = logging.getLogger("reloader")
 T = TypeVar("T")
@@ -329,6 +331,7 @@ class Controller:
             label_selector=self.settings.config_label_selector,
             namespace_filter=self._namespace_allowed,
             stall_timeout=self.settings.stall_timeout_seconds,
+            packing=Packing(pack_config, unpacker(kind)),
         )
         informer.subscribe(self._on_config)
         return informer

@@ -27,6 +27,7 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+from typing import cast
 
 import orjson
 
@@ -80,6 +81,30 @@ class ConfigSnapshot:
     @property
     def key(self) -> ConfigKey:
         return ConfigKey(self.kind, self.namespace, self.name)
+
+
+PackedConfig = KeyDigests | tuple[KeyDigests, bool, bool]
+"""What a config informer's store keeps: the digests alone for the usual config, with neither
+``match`` nor ``ignore`` set; else the digests and both flags. Kind, namespace and name are the
+informer's and the store's keys."""
+
+
+def pack_config(snapshot: ConfigSnapshot) -> PackedConfig:
+    if snapshot.match or snapshot.ignore:
+        return (snapshot.digests, snapshot.match, snapshot.ignore)
+    return snapshot.digests
+
+
+def unpacker(kind: ConfigKind) -> Callable[[str, str, object], ConfigSnapshot]:
+    """Rebuild a config's snapshot from its store keys and ``pack_config``'s value."""
+
+    def unpack(namespace: str, name: str, packed: object) -> ConfigSnapshot:
+        if isinstance(packed, tuple):
+            digests, match, ignore = packed
+            return ConfigSnapshot(kind, namespace, name, digests, match, ignore)
+        return ConfigSnapshot(kind, namespace, name, cast(KeyDigests, packed), False, False)
+
+    return unpack
 
 
 @dataclass(frozen=True, slots=True)

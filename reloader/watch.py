@@ -37,7 +37,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar, cast
 
@@ -78,6 +78,39 @@ next one waits for the backoff. A healthy server ends a watch after its 300-600 
 
 class Subscriber(Protocol[T_contra]):
     def __call__(self, old: T_contra | None, new: T_contra | None, /) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Packing(Generic[T]):
+    """How a store keeps one kind's snapshots in a smaller form than the snapshot object.
+
+    At 20,000 cached configs each snapshot object was 80 B on top of its digests; the namespace and
+    name are the store's own keys, so a packed value needs to hold only the rest. ``unpack`` gets
+    them back for a reader; what it builds lives as long as the reader holds it."""
+
+    pack: Callable[[T], object]
+    unpack: Callable[[str, str, object], T]
+    """(namespace, name, packed value) → the snapshot."""
+
+
+class _Unpacked(Mapping[str, T]):
+    """One namespace of a packed store, read as name → snapshot (a live view: do not keep)."""
+
+    __slots__ = ("_namespace", "_packed", "_unpack")
+
+    def __init__(
+        self, namespace: str, packed: dict[str, object], unpack: Callable[[str, str, object], T]
+    ) -> None:
+        self._namespace, self._packed, self._unpack = namespace, packed, unpack
+
+    def __getitem__(self, name: str) -> T:
+        return self._unpack(self._namespace, name, self._packed[name])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._packed)
+
+    def __len__(self) -> int:
+        return len(self._packed)
 
 
 class Backoff:
@@ -154,6 +187,7 @@ class Informer(Generic[T]):
         stall_timeout: float = 70.0,
         watch_timeout_range: tuple[int, int] = (300, 600),
         optional: bool = False,
+        packing: Packing[T] | None = None,
     ) -> None:
         self.resource = resource
         self._api = api
@@ -164,7 +198,9 @@ class Informer(Generic[T]):
         self._stall_timeout = stall_timeout
         self._watch_timeout_range = watch_timeout_range
         self._optional = optional
-        self._store: dict[str, dict[str, T]] = {}
+        self._packing = packing
+        self._store: dict[str, dict[str, object]] = {}
+        """Namespace → name → snapshot, or its packed form with ``packing``."""
         self._subscribers: list[Subscriber[T]] = []
         self._synced_scopes: set[str | None] = set()
         self._synced = asyncio.Event()
@@ -174,15 +210,23 @@ class Informer(Generic[T]):
     # --- reading the store ------------------------------------------------------------------
 
     def get(self, namespace: str, name: str) -> T | None:
-        return self._store.get(namespace, {}).get(name)
+        return self._read(namespace, name, self._store.get(namespace, {}).get(name))
 
-    def in_namespace(self, namespace: str) -> dict[str, T]:
-        """Name → snapshot for one namespace (a live view: do not mutate)."""
-        return self._store.get(namespace, {})
+    def in_namespace(self, namespace: str) -> Mapping[str, T]:
+        """Name → snapshot for one namespace (a live view: do not mutate or keep)."""
+        objects = self._store.get(namespace, {})
+        if self._packing is None:
+            return cast(dict[str, T], objects)
+        return _Unpacked(namespace, objects, self._packing.unpack)
 
     def values(self) -> Iterator[T]:
-        for objects in self._store.values():
-            yield from objects.values()
+        for namespace in self._store:
+            yield from self.in_namespace(namespace).values()
+
+    def _read(self, namespace: str, name: str, stored: object | None) -> T | None:
+        if stored is None or self._packing is None:
+            return cast(T | None, stored)
+        return self._packing.unpack(namespace, name, stored)
 
     def __len__(self) -> int:
         return sum(len(objects) for objects in self._store.values())
@@ -442,15 +486,16 @@ class Informer(Generic[T]):
         new = self._snapshot(obj)
         if new is None:
             return
+        stored = new if self._packing is None else self._packing.pack(new)
         objects = self._store.setdefault(namespace, {})
         old = objects.get(name)
-        objects[name] = new
-        if old != new:
-            self._notify(old, new)
+        objects[name] = stored
+        if old != stored:
+            self._notify(self._read(namespace, name, old), new)
 
     def _remove(self, namespace: str, name: str) -> None:
         objects = self._store.get(namespace, {})
-        old = objects.pop(name, None)
+        old = self._read(namespace, name, objects.pop(name, None))
         if not objects:
             self._store.pop(namespace, None)
         if old is not None:

@@ -9,6 +9,7 @@ import pytest
 from reloader.annotations import (
     MAX_LIST_CHARS,
     MAX_LIST_ITEMS,
+    SHARED_POLICIES_MAX,
     AnnotationNames,
     Policy,
     Problem,
@@ -642,3 +643,22 @@ def test_malformed_annotations_never_raise_and_count_as_absent(
 def test_non_string_value_on_metadata_does_not_hide_the_template() -> None:
     parsed = policy({AUTO: True}, {AUTO: "true"})
     assert parsed.opted_in
+
+
+def test_equal_annotations_share_one_policy_object() -> None:
+    first, _ = parse({AUTO: "true"})
+    second, _ = parse({AUTO: "true"})
+    named, _ = parse({CM_RELOAD: "a,b"})
+
+    assert first is second
+    assert named == parse({CM_RELOAD: "a,b"})[0] and named is not first
+
+
+def test_the_shared_policies_are_bounded() -> None:
+    """Hostile variety (a unique named list per workload) costs at most the table's size."""
+    from reloader.annotations import _SHARED_POLICIES
+
+    for i in range(SHARED_POLICIES_MAX * 3):
+        policy, _ = parse({CM_RELOAD: f"config-{i}"})
+        assert policy.exact_names("ConfigMap") == frozenset({f"config-{i}"})
+    assert 0 < len(_SHARED_POLICIES) <= SHARED_POLICIES_MAX

@@ -16,7 +16,9 @@ from reloader.snapshots import (
     SnapshotContext,
     bind_record,
     config_snapshot,
+    pack_config,
     template_hash,
+    unpacker,
     workload_snapshot,
 )
 
@@ -55,6 +57,24 @@ def test_config_flags_and_equality() -> None:
     assert marked.match and marked.ignore
     assert relabelled == plain, "a label-only change must compare equal (no work)"
     assert config_snapshot("Secret", secret("other"), context=CONTEXT) != plain  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "annotations",
+    [
+        {},
+        {"reloader.stakater.com/match": "true"},
+        {"reloader.stakater.com/ignore": "true"},
+        {"reloader.stakater.com/match": "true", "reloader.stakater.com/ignore": "true"},
+    ],
+)
+def test_a_packed_config_unpacks_to_the_same_snapshot(annotations: dict[str, str]) -> None:
+    snapshot = config_snapshot("Secret", secret(annotations=annotations), context=CONTEXT)  # type: ignore[arg-type]
+
+    packed = pack_config(snapshot)
+
+    assert unpacker("Secret")("ns", "db", packed) == snapshot
+    assert VALUE.encode() not in pickle.dumps(packed)
 
 
 def deployment(annotations: dict[str, str], **spec: Any) -> dict[str, Any]:

@@ -15,9 +15,18 @@ from typing import Any
 import pytest
 
 import reloader.watch
+from reloader.annotations import AnnotationNames
+from reloader.digests import DigestKey
 from reloader.kube import Api, connect_with_dict
 from reloader.model import CONFIGMAPS, RawObject
-from reloader.watch import Informer
+from reloader.snapshots import (
+    ConfigSnapshot,
+    SnapshotContext,
+    config_snapshot,
+    pack_config,
+    unpacker,
+)
+from reloader.watch import Informer, Packing
 from tests.conftest import TestCluster
 from tests.scenario import wait_for
 
@@ -123,6 +132,69 @@ async def test_label_only_change_is_not_notified(
 
         await wait_for(changed, message="data change seen")
         assert len(recorder.seen) == before + 1
+    finally:
+        await stop(task)
+
+
+async def test_a_packed_store_reads_and_notifies_whole_snapshots(
+    admin_api: Api, namespace: str
+) -> None:
+    """The config informers keep digests and flags only (``Packing``): readers and subscribers
+    still get snapshots, the old one included, and an update that packs the same is not passed
+    on."""
+    context = SnapshotContext(
+        digest_key=DigestKey.from_secret(b"k" * 32), names=AnnotationNames(), auto_reload_all=False
+    )
+    watched = Informer[ConfigSnapshot](
+        api=admin_api,
+        resource=CONFIGMAPS,
+        transform=lambda obj: config_snapshot("ConfigMap", obj, context=context),
+        namespaces=[namespace],
+        label_selector="suite=watch",
+        packing=Packing(pack_config, unpacker("ConfigMap")),
+    )
+    recorder = Recorder()
+    watched.subscribe(recorder)
+    await create(admin_api, namespace, "cm", {"v": "1"})
+    task = await run_until_synced(watched)
+    try:
+        listed = watched.get(namespace, "cm")
+        assert listed is not None and listed.key.name == "cm" and not listed.match
+        assert dict(watched.in_namespace(namespace)) == {"cm": listed}
+        path = CONFIGMAPS.object_path(namespace, "cm")
+        await admin_api.patch(path, {"metadata": {"labels": {"x": "y"}}}, patch_type="merge")
+        match = {"reloader.stakater.com/match": "true"}
+        await admin_api.patch(path, {"metadata": {"annotations": match}}, patch_type="merge")
+        await admin_api.patch(path, {"data": {"v": "2"}}, patch_type="merge")
+        await admin_api.delete(path)
+
+        async def deleted() -> bool:
+            return bool(recorder.seen) and recorder.seen[-1][1] is None
+
+        await wait_for(deleted, message="delete seen")
+        marked = config_snapshot(
+            "ConfigMap",
+            {
+                "metadata": {"name": "cm", "namespace": namespace, "annotations": match},
+                "data": {"v": "1"},
+            },
+            context=context,
+        )
+        changed = config_snapshot(
+            "ConfigMap",
+            {
+                "metadata": {"name": "cm", "namespace": namespace, "annotations": match},
+                "data": {"v": "2"},
+            },
+            context=context,
+        )
+        assert recorder.seen == [
+            (None, listed),
+            (listed, marked),  # the label-only change before it was not passed on
+            (marked, changed),
+            (changed, None),
+        ]
+        assert watched.get(namespace, "cm") is None and len(watched) == 0
     finally:
         await stop(task)
 
