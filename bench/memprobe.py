@@ -36,9 +36,9 @@ from bench.scale import ScaleSizes, objects
 from reloader.app import Controller, release_freed_memory
 from reloader.digests import DigestKey
 from reloader.kube import Api
-from reloader.model import ObjectKey, RawObject
+from reloader.model import RawObject
 from reloader.settings import Settings
-from reloader.watch import CONFIG_PAGE_SIZE, PAGE_SIZE, Informer
+from reloader.watch import CONFIG_PAGE_SIZE, PAGE_SIZE, Informer, Listed
 
 _KIND_BY_PLURAL = {"configmaps": "ConfigMap", "secrets": "Secret", "deployments": "Deployment"}
 
@@ -124,7 +124,7 @@ async def _probe(argv: list[str] | None) -> None:
     before = rss()
     traced_before = tracemalloc.get_traced_memory()[0] if args.trace else 0
     peak = before
-    listed: set[ObjectKey] = set()
+    listed: Listed = {}
     for kind, body in encoded:
         page = orjson.loads(body)
         informers[kind]._upsert_page(cast(list[RawObject], page["items"]), listed)
