@@ -38,7 +38,7 @@ from reloader.digests import DigestKey
 from reloader.kube import Api
 from reloader.model import RawObject
 from reloader.settings import Settings
-from reloader.watch import CONFIG_PAGE_SIZE, PAGE_SIZE, Informer, Listed
+from reloader.watch import CONFIG_PAGE_SIZE, WORKLOAD_PAGE_SIZE, Informer, Listed
 
 _KIND_BY_PLURAL = {"configmaps": "ConfigMap", "secrets": "Secret", "deployments": "Deployment"}
 
@@ -69,12 +69,12 @@ def _served(path: str, body: dict[str, Any], number: int) -> dict[str, Any]:
 
 def pages(sizes: ScaleSizes, config_page: int) -> Iterator[tuple[str, bytes]]:
     """(kind, encoded page), grouped by kind as the informers list: up to ``config_page`` configs
-    or PAGE_SIZE workloads a page."""
+    or WORKLOAD_PAGE_SIZE workloads a page."""
     current = ""
     items: list[dict[str, Any]] = []
     for number, (path, body) in enumerate(objects(sizes)):
         kind = _KIND_BY_PLURAL[path.rstrip("/").rsplit("/", 1)[1]]
-        limit = PAGE_SIZE if kind == "Deployment" else config_page
+        limit = WORKLOAD_PAGE_SIZE if kind == "Deployment" else config_page
         if items and (kind != current or len(items) >= limit):
             yield current, orjson.dumps({"metadata": {}, "items": items})
             items = []

@@ -65,7 +65,7 @@ from reloader.snapshots import (
     unpacker,
     workload_snapshot,
 )
-from reloader.watch import Backoff, Informer, Packing
+from reloader.watch import CONFIG_PAGE_SIZE, WORKLOAD_PAGE_SIZE, Backoff, Informer, Packing
 
 log = logging.getLogger("reloader")
 T = TypeVar("T")
@@ -332,6 +332,7 @@ class Controller:
             namespace_filter=self._namespace_allowed,
             stall_timeout=self.settings.stall_timeout_seconds,
             packing=Packing(pack_config, unpacker(kind)),
+            page_size=CONFIG_PAGE_SIZE,
         )
         informer.subscribe(self._on_config)
         return informer
@@ -347,6 +348,7 @@ class Controller:
             namespace_filter=self._namespace_allowed,
             stall_timeout=self.settings.stall_timeout_seconds,
             optional=kind.optional,
+            page_size=WORKLOAD_PAGE_SIZE,
         )
         informer.subscribe(self._on_workload)
         return informer
