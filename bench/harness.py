@@ -89,6 +89,8 @@ class RunResult:
     rss_series: list[tuple[float, int]]
     notes: dict[str, Any]
     log: str
+    round: int = 1
+    """Which run of this scenario for this contender (``--rounds``); 1 for a single run."""
 
     @property
     def exact(self) -> bool:

@@ -49,11 +49,26 @@ def verbs(requests: Mapping[str, int]) -> str:
     return " ".join(f"{verb}:{count}" for verb, count in requests.items()) or "-"
 
 
+def run_label(result: RunResult) -> str:
+    """``S3``, or ``S3 #2`` for a later round."""
+    return result.scenario if result.round == 1 else f"{result.scenario} #{result.round}"
+
+
+def pooled_latencies(results: Iterable[RunResult], scenario: str, contender: str) -> list[float]:
+    """Every write's latency over all rounds of one scenario for one contender, sorted."""
+    return sorted(
+        latency
+        for result in results
+        if result.scenario == scenario and result.contender == contender
+        for latency in result.latencies
+    )
+
+
 def summary_line(result: RunResult) -> str:
     """One progress line per run, printed as the bench goes."""
     exact = "exact" if result.exact else f"MISS ({len(result.mismatched)} workloads)"
     return (
-        f"  {result.scenario:<4} {result.contender:<9} rollouts {result.actual}/{result.expected}"
+        f"  {run_label(result):<7} {result.contender:<9} rollouts {result.actual}/{result.expected}"
         f" {exact}, p99 {_ms(percentile(result.latencies, 99))} ms,"
         f" {result.total_requests} requests, peak {_mib(result.peak_rss)} MiB,"
         f" {result.wall_seconds:.1f} s"
@@ -80,13 +95,13 @@ SCENARIO_HEADER = (
 
 def scenario_rows(results: Sequence[RunResult], ours: str, vs: str | None) -> list[list[str]]:
     rows = []
-    index = {(r.scenario, r.contender): r for r in results}
+    index = {(r.scenario, r.contender, r.round): r for r in results}
     for result in results:
         lat = result.latencies
         mark = "" if result.exact else " MISS"
         rows.append(
             [
-                result.scenario,
+                run_label(result),
                 result.contender,
                 f"{result.actual}/{result.expected}{mark}",
                 _ms(percentile(lat, 50)),
@@ -100,7 +115,7 @@ def scenario_rows(results: Sequence[RunResult], ours: str, vs: str | None) -> li
                 f"{result.ready_seconds:.1f}",
             ]
         )
-        mine = index.get((result.scenario, ours))
+        mine = index.get((result.scenario, ours, result.round))
         if vs is not None and result.contender == vs and mine is not None:
             rows.append(_ratio_row(mine, result, vs))
     return rows
@@ -110,7 +125,7 @@ def _ratio_row(ours: RunResult, theirs: RunResult, vs: str) -> list[str]:
     """Theirs divided by ours: above 1 means ours is cheaper or faster."""
     p = [percentile(r.latencies, 99) for r in (theirs, ours)]
     return [
-        ours.scenario,
+        run_label(ours),
         f"{vs}/ours",
         "",
         "",
@@ -200,30 +215,45 @@ def targets(
 
 
 def _floor_target(results: Sequence[RunResult], ours: str) -> Target:
-    index = {(r.scenario, r.contender): r for r in results}
+    """Ours against the floor per scenario: p99 over the writes of all rounds (one run's p99 alone
+    swings by tens of milliseconds on a shared machine); each round's own ratio is shown too."""
+    name = "p99 <= 1.5x floor (debounce 0)"
+    scenarios = dict.fromkeys(r.scenario for r in results if r.contender == "floor")
     ratios = []
-    for (scenario, contender), floor in index.items():
-        mine = index.get((scenario, ours))
+    for scenario in scenarios:
+        a = percentile(pooled_latencies(results, scenario, ours), 99)
+        b = percentile(pooled_latencies(results, scenario, "floor"), 99)
+        if a is not None and b:
+            ratios.append((a / b, scenario, a, b, _round_ratios(results, scenario, ours)))
+    if not ratios:
+        return Target(name, "not measured", None)
+    worst = max(ratios)
+    each = ", ".join(
+        f"{s} {r:.2f}x ({_ms(a)} vs {_ms(b)} ms{rounds})" for r, s, a, b, rounds in sorted(ratios)
+    )
+    return Target(name, f"worst {worst[0]:.2f}x; {each}", worst[0] <= 1.5)
+
+
+def _round_ratios(results: Sequence[RunResult], scenario: str, ours: str) -> str:
+    """``; rounds 0.9x 1.3x 1.1x``: each round's own p99 ratio, or nothing for a single round."""
+    runs = {(r.contender, r.round): r for r in results if r.scenario == scenario}
+    found = []
+    for (contender, round_), floor in sorted(runs.items()):
+        mine = runs.get((ours, round_))
         if contender != "floor" or mine is None:
             continue
         a, b = percentile(mine.latencies, 99), percentile(floor.latencies, 99)
         if a is not None and b:
-            ratios.append((a / b, scenario, a, b))
-    if not ratios:
-        return Target("p99 <= 1.5x floor (debounce 0)", "not measured", None)
-    worst = max(ratios)
-    each = ", ".join(f"{s} {r:.2f}x ({_ms(a)} vs {_ms(b)} ms)" for r, s, a, b in sorted(ratios))
-    return Target(
-        "p99 <= 1.5x floor (debounce 0)", f"worst {worst[0]:.2f}x; {each}", worst[0] <= 1.5
-    )
+            found.append(f"{a / b:.2f}x")
+    return f"; rounds {' '.join(found)}" if len(found) > 1 else ""
 
 
 def _vs_targets(results: Sequence[RunResult], ours: str, vs: str | None) -> list[Target]:
-    index = {(r.scenario, r.contender): r for r in results}
+    index = {(r.scenario, r.contender, r.round): r for r in results}
     pairs = [
-        (r, index[(r.scenario, vs)])
+        (r, index[(r.scenario, vs, r.round)])
         for r in results
-        if vs is not None and r.contender == ours and (r.scenario, vs) in index
+        if vs is not None and r.contender == ours and (r.scenario, vs, r.round) in index
     ]
     if vs is None or not pairs:
         return [
@@ -323,10 +353,11 @@ def plot_latency(results: Sequence[RunResult], path: Path) -> None:
         return
     plt, figure, axes = _panels(len(scenarios))
     for ax, scenario in zip(axes.flat, scenarios, strict=False):
-        for result in (r for r in results if r.scenario == scenario and r.latencies):
-            values = [v * 1000 for v in result.latencies]
+        contenders = dict.fromkeys(r.contender for r in results if r.scenario == scenario)
+        for contender in contenders:
+            values = [v * 1000 for v in pooled_latencies(results, scenario, contender)]
             ys = [(i + 1) / len(values) for i in range(len(values))]
-            ax.step(values, ys, where="post", label=result.contender)
+            ax.step(values, ys, where="post", label=contender)
         ax.set_title(scenario)
         ax.set_xlabel("ms from write to rollout")
         ax.set_ylim(0, 1.02)
@@ -339,7 +370,7 @@ def plot_rss(results: Sequence[RunResult], scale: Sequence[ScaleResult], path: P
     panels: list[tuple[str, list[tuple[str, list[tuple[float, int]]]]]] = []
     for scenario in dict.fromkeys(r.scenario for r in results):
         lines = [(r.contender, r.rss_series) for r in results if r.scenario == scenario]
-        panels.append((scenario, lines))
+        panels.append((scenario, lines))  # every round's line, under its contender's name
     for phase in ("cold", "restart"):
         lines = [(s.contender, s.phases[phase].rss_series) for s in scale if phase in s.phases]
         if lines:
