@@ -9,6 +9,7 @@ controller wrote is read from the apiserver's audit log, not from the controller
 
 from __future__ import annotations
 
+import gc
 import time
 from typing import Any
 
@@ -63,6 +64,28 @@ async def test_configmap_change_rolls_the_deployment_once(scene: Cluster) -> Non
     marker = obj["spec"]["template"]["metadata"]["annotations"][LAST_RELOADED_FROM]
     assert '"name":"app-config"' in marker and '"type":"CONFIGMAP"' in marker
     assert await scene.events("Reloaded")
+
+
+async def test_the_synced_cache_is_kept_out_of_full_collections_until_stop(
+    scene: Cluster,
+) -> None:
+    """1. A controller syncs and records a workload.
+    Result: what was alive after the sync is frozen (``gc.freeze``), so a full collection no longer
+    walks the cache while restarts are being made.
+    2. The controller stops.
+    Result: nothing is left frozen; what it froze is collectable again."""
+    await scene.create_configmap("cfg", {"a": "1"})
+    await scene.create_workload(
+        deployment("web", annotations=AUTO, containers=[container(**env_from("ConfigMap", "cfg"))])
+    )
+    await scene.start_controller()
+    await scene.wait_recorded("web")
+
+    assert gc.get_freeze_count() > 0
+
+    await scene.stop_controllers()
+
+    assert gc.get_freeze_count() == 0
 
 
 async def test_label_only_update_does_not_restart(scene: Cluster) -> None:
