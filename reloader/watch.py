@@ -65,7 +65,7 @@ WORKLOAD_PAGE_SIZE = 100
 """A page of workloads decodes into many small objects (pod specs, ``managedFields``), all at once,
 and the snapshots made from it are allocated among them; the allocator cannot hand back an arena
 that still holds one snapshot, so what a page held decoded stays resident after it is dropped. At
-500 a page the scale run's steady RSS was 85.5 MiB, at 100 79.6 MiB (about 290 B per cached object
+500 a page the scale run's steady RSS was 85.5 MiB, at 100 79.6 MiB (about 280 B per cached object
 less) for 16 more list requests over 2,000 Deployments (docs/performance.md)."""
 CONFIG_PAGE_SIZE = 250
 """ConfigMaps and Secrets carry their values in every list body (up to 1 MiB each): a smaller page
