@@ -12,9 +12,10 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from bench import cluster, floor, scale
+from bench import cluster, floor, report, scale
 from bench.apicost import by_verb, failures, parse_event, writes
 from bench.controller import OURS, Contender, Launch, RunningController, render
+from bench.harness import RunResult
 from bench.observe import WriteLog, cronjob_owner, latencies, percentile, template_signature
 from bench.scenarios import QUICK_SIZES, SIZES, scenarios
 from reloader.model import ConfigKey, WorkloadKey
@@ -95,6 +96,33 @@ STAKATER_LIKE = (
 )
 
 
+def _run(contender: str, round_: int, latencies: list[float]) -> RunResult:
+    return RunResult(
+        scenario="S3", contender=contender, expected=1, actual=1, mismatched=[],
+        latencies=latencies, requests={}, run_requests={}, failed_requests={},
+        startup_writes=0, peak_rss=0, steady_rss=0, cpu_seconds=0.0, ready_seconds=0.0,
+        wall_seconds=0.0, rss_series=[], notes={}, log="", round=round_,
+    )  # fmt: skip
+
+
+def check_floor_target_pools_the_rounds() -> None:
+    """One slow round out of three: the pooled p99 is that of all 300 writes, not of one run."""
+    quick, slow = [0.01] * 100, [0.01] * 90 + [0.1] * 10
+    results = [
+        _run("reloader", 1, quick), _run("floor", 1, quick),
+        _run("reloader", 2, slow), _run("floor", 2, quick),
+        _run("reloader", 3, quick), _run("floor", 3, quick),
+    ]  # fmt: skip
+    target = report.targets(results, [], ours="reloader", vs=None)[1]
+    assert target.met is False, target
+    assert "rounds 1.00x 10.00x 1.00x" in target.measured, target.measured
+    results[2] = _run("reloader", 2, [0.01] * 98 + [0.1] * 2)
+    target = report.targets(results, [], ours="reloader", vs=None)[1]
+    assert target.met is True, target.measured
+    assert "S3 1.00x" in target.measured, target.measured
+    assert [report.run_label(r) for r in results[:3]] == ["S3", "S3", "S3 #2"]
+
+
 def check_commands_render() -> None:
     values = {
         "python": "py",
@@ -154,6 +182,7 @@ CHECKS: list[Callable[[], None]] = [
     check_commands_render,
     check_scale_objects_keep_configs_beside_their_deployment,
     check_scenario_table,
+    check_floor_target_pools_the_rounds,
 ]
 
 

@@ -706,8 +706,9 @@ def keep_out_of_collections() -> None:
 
     The cache is hundreds of thousands of snapshot objects that are never part of a cycle (they are
     freed by reference counting when replaced). Left in the oldest generation, every full
-    collection walked all of them: 20-40 ms with the event loop held, a few times a minute while
-    restarts are being made. Frozen, a full collection walks only what was made since. The cost:
+    collection walked all of them: 20-40 ms with the event loop held, and a burst of restarts
+    makes enough new objects to start one. Frozen, a full collection walks only what was made
+    since. The cost:
     an object alive now that later becomes part of a garbage cycle is never collected, so at most
     what exists at this point can leak, once; nothing made later is frozen."""
     gc.freeze()
