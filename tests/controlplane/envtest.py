@@ -421,7 +421,20 @@ class ControlPlane:
         return self
 
     def start_apiserver(self) -> None:
+        """Start the apiserver; when it comes back after a stop or a kill, start the
+        controller-manager again with it.
+
+        While the apiserver is down, the controller-manager's reflectors back off up to 30 s
+        (with as much jitter again) between attempts, so the Deployment controller could still be
+        waiting to reconnect when the next test needed a ReplicaSet (seen: two webhook tests
+        timing out at 30 s right after test_watch_faults restarted the apiserver). The fault tests
+        check how our controller recovers; the Deployment controller's recovery is not under test.
+        """
         self._start(self._apiserver(), lambda: http_ok(f"{self.url}/readyz", self._ssl()))
+        manager = self._processes.get("kcm")
+        if manager is not None:
+            manager.stop()
+            manager.start()
 
     def stop_apiserver(self) -> None:
         process = self._processes.pop("kube-apiserver", None)
