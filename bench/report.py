@@ -54,12 +54,16 @@ def run_label(result: RunResult) -> str:
     return result.scenario if result.round == 1 else f"{result.scenario} #{result.round}"
 
 
-def pooled_latencies(results: Iterable[RunResult], scenario: str, contender: str) -> list[float]:
-    """Every write's latency over all rounds of one scenario for one contender, sorted."""
+def pooled_latencies(
+    results: Iterable[RunResult], scenario: str, contender: str, round_: int | None = None
+) -> list[float]:
+    """Every write's latency over all rounds (or one) of one scenario for one contender, sorted."""
     return sorted(
         latency
         for result in results
-        if result.scenario == scenario and result.contender == contender
+        if result.scenario == scenario
+        and result.contender == contender
+        and round_ in (None, result.round)
         for latency in result.latencies
     )
 
@@ -221,9 +225,9 @@ def _floor_target(results: Sequence[RunResult], ours: str) -> Target:
     scenarios = dict.fromkeys(r.scenario for r in results if r.contender == "floor")
     ratios = []
     for scenario in scenarios:
-        a = percentile(pooled_latencies(results, scenario, ours), 99)
-        b = percentile(pooled_latencies(results, scenario, "floor"), 99)
-        if a is not None and b:
+        pair = _p99_against_floor(results, scenario, ours)
+        if pair is not None:
+            a, b = pair
             ratios.append((a / b, scenario, a, b, _round_ratios(results, scenario, ours)))
     if not ratios:
         return Target(name, "not measured", None)
@@ -234,17 +238,20 @@ def _floor_target(results: Sequence[RunResult], ours: str) -> Target:
     return Target(name, f"worst {worst[0]:.2f}x; {each}", worst[0] <= 1.5)
 
 
+def _p99_against_floor(
+    results: Sequence[RunResult], scenario: str, ours: str, round_: int | None = None
+) -> tuple[float, float] | None:
+    """(ours, floor) p99 over all rounds or one; None when either side has no latency."""
+    a = percentile(pooled_latencies(results, scenario, ours, round_), 99)
+    b = percentile(pooled_latencies(results, scenario, "floor", round_), 99)
+    return (a, b) if a is not None and b else None
+
+
 def _round_ratios(results: Sequence[RunResult], scenario: str, ours: str) -> str:
     """``; rounds 0.9x 1.3x 1.1x``: each round's own p99 ratio, or nothing for a single round."""
-    runs = {(r.contender, r.round): r for r in results if r.scenario == scenario}
-    found = []
-    for (contender, round_), floor in sorted(runs.items()):
-        mine = runs.get((ours, round_))
-        if contender != "floor" or mine is None:
-            continue
-        a, b = percentile(mine.latencies, 99), percentile(floor.latencies, 99)
-        if a is not None and b:
-            found.append(f"{a / b:.2f}x")
+    rounds = sorted({r.round for r in results if r.scenario == scenario and r.contender == "floor"})
+    pairs = [_p99_against_floor(results, scenario, ours, round_) for round_ in rounds]
+    found = [f"{a / b:.2f}x" for a, b in (p for p in pairs if p is not None)]
     return f"; rounds {' '.join(found)}" if len(found) > 1 else ""
 
 
