@@ -172,27 +172,18 @@ async def test_a_packed_store_reads_and_notifies_whole_snapshots(
             return bool(recorder.seen) and recorder.seen[-1][1] is None
 
         await wait_for(deleted, message="delete seen")
-        marked = config_snapshot(
-            "ConfigMap",
-            {
-                "metadata": {"name": "cm", "namespace": namespace, "annotations": match},
-                "data": {"v": "1"},
-            },
-            context=context,
-        )
-        changed = config_snapshot(
-            "ConfigMap",
-            {
-                "metadata": {"name": "cm", "namespace": namespace, "annotations": match},
-                "data": {"v": "2"},
-            },
-            context=context,
-        )
+
+        def matched(value: str) -> ConfigSnapshot:
+            metadata = {"name": "cm", "namespace": namespace, "annotations": match}
+            return config_snapshot(
+                "ConfigMap", {"metadata": metadata, "data": {"v": value}}, context=context
+            )
+
         assert recorder.seen == [
             (None, listed),
-            (listed, marked),  # the label-only change before it was not passed on
-            (marked, changed),
-            (changed, None),
+            (listed, matched("1")),  # the label-only change before it was not passed on
+            (matched("1"), matched("2")),
+            (matched("2"), None),
         ]
         assert watched.get(namespace, "cm") is None and len(watched) == 0
     finally:
