@@ -133,7 +133,7 @@ async def _probe(argv: list[str] | None) -> None:
     listed.clear()  # the encoded pages stay alive: their memory was counted in ``before``
     gc.collect()
     synced = rss()
-    release_freed_memory()
+    controller.settle_caches()
     trimmed = rss()
     cached = sum(len(i) for i in informers.values())
     configs = sizes.configmaps + sizes.secrets
@@ -141,7 +141,7 @@ async def _probe(argv: list[str] | None) -> None:
     print(f"RSS before: {before / 2**20:.1f} MiB, peak during sync +{(peak - before) / 2**20:.1f}")
     print(f"RSS after sync: +{(synced - before) / 2**20:.1f} MiB")
     print(
-        f"RSS after release_freed_memory: +{(trimmed - before) / 2**20:.1f} MiB, "
+        f"RSS after settle_caches: +{(trimmed - before) / 2**20:.1f} MiB, "
         f"{(trimmed - before) / cached:.0f} B per cached object"
     )
     if args.trace:

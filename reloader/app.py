@@ -420,6 +420,20 @@ class Controller:
             self.metrics.count_event(old=old, new=new, resource_type=resource)
         self._enqueue(self.index.config_changed(old, new))
 
+    def settle_caches(self) -> None:
+        """Once every informer has synced: one string per config name, the start-up lists'
+        memory handed back, and the cache out of the cyclic collector's reach."""
+        self._share_config_names()
+        release_freed_memory()
+        keep_out_of_collections()
+
+    def _share_config_names(self) -> None:
+        """After the first sync the index and the config stores hold two equal strings for every
+        referenced config: keep the stores' (``ReferenceIndex.share_names``)."""
+        for kind, informer in self.configs.items():
+            for namespace in informer.cached_namespaces():
+                self.index.share_names(kind, namespace, informer.in_namespace(namespace))
+
     def _on_provider_class(self, workload: WorkloadKey, config: ConfigKey) -> None:
         """One workload's view of a SecretProviderClass changed: look at it (after the debounce,
         as for a config) if it depends on that class."""
@@ -519,8 +533,7 @@ class Controller:
 
     async def _work_when_synced(self, stop: asyncio.Event) -> None:
         await self.wait_synced()
-        release_freed_memory()
-        keep_out_of_collections()
+        self.settle_caches()
         if self.leader is None:
             await self._work()
             return

@@ -22,6 +22,7 @@ Guarantees:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import secrets
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 
 import orjson
 
+from reloader.framing import framed, text_of, unframed, utf8
 from reloader.model import ConfigKey
 
 RECORD_VERSION = 2
@@ -70,26 +72,15 @@ class DigestKey:
         return f"DigestKey(key_id={self.key_id!r})"
 
 
-def _utf8(text: str) -> bytes:
-    """Names and digests kept as bytes: UTF-8, where any string JSON can carry survives."""
-    return text.encode("utf-8", "surrogatepass")
-
-
-def _text_of(data: bytes) -> str:
-    return data.decode("utf-8", "surrogatepass")
-
-
 def _framed(*parts: bytes) -> bytes:
+    """What a MAC covers, without ambiguity: four-byte lengths, fixed because digests depend on
+    them (the cache's packed forms use ``framing``, which may change without changing a digest)."""
     return b"".join(len(part).to_bytes(4, "big") + part for part in parts)
 
 
-def _unframed_pairs(framed: bytes) -> list[tuple[bytes, bytes]]:
-    """The parts ``_framed`` joined, two by two (name and digest, id and digest)."""
-    parts, at = [], 0
-    while at < len(framed):
-        size = int.from_bytes(framed[at : at + 4], "big")
-        parts.append(framed[at + 4 : at + 4 + size])
-        at += 4 + size
+def _pairs(packed: bytes) -> list[tuple[bytes, bytes]]:
+    """The parts ``framing.framed`` joined, two by two (name and digest, id and digest)."""
+    parts = unframed(packed)
     return list(zip(parts[::2], parts[1::2], strict=True))
 
 
@@ -114,16 +105,16 @@ def key_digests(
     identity = _identity(config)
     for source, tag in ((data, b"d"), (binary_data, b"b")):
         for name, value in (source or {}).items():
-            framed = _framed(identity, tag, name.encode(), value.encode())
-            mac = hmac.new(key.secret, framed, hashlib.sha256)
+            message = _framed(identity, tag, name.encode(), value.encode())
+            mac = hmac.new(key.secret, message, hashlib.sha256)
             entries.append((name, mac.digest()[:PER_KEY_DIGEST_BYTES]))
     entries.sort()
-    return b"".join(_framed(_utf8(name), digest) for name, digest in entries)
+    return framed(part for name, digest in entries for part in (utf8(name), digest))
 
 
 def digest_items(digests: KeyDigests) -> dict[str, bytes]:
     """Key name → digest, from the packed form."""
-    return {_text_of(name): digest for name, digest in _unframed_pairs(digests)}
+    return {text_of(name): digest for name, digest in _pairs(digests)}
 
 
 def reference_digest(
@@ -179,8 +170,8 @@ class Recorded:
     @property
     def configs(self) -> tuple[tuple[str, str], ...]:
         """(config id, digest) pairs, sorted by id."""
-        pairs = _unframed_pairs(self.packed_configs)
-        return tuple((_text_of(ident), _text_of(digest)) for ident, digest in pairs)
+        pairs = _pairs(self.packed_configs)
+        return tuple((_config_id_of(ident), _digest_of(digest)) for ident, digest in pairs)
 
     def as_dict(self) -> dict[str, str]:
         return dict(self.configs)
@@ -210,9 +201,48 @@ class Recorded:
         return cls("", b"", restarted_at, uid, template, RECORD_VERSION, reset)
 
 
+_ID_PREFIXES = ("", "ConfigMap/", "Secret/", "SecretProviderClass/")
+"""How a record names configs (``decide.config_id``): a packed id keeps the prefix's index."""
+_HEX_TEXT = b"h"
+_PLAIN_TEXT = b"t"
+"""Lead a packed digest: 16 bytes that were 32 lowercase hex characters, or the text as found (an
+``ABSENT`` digest, a hand-edited annotation)."""
+
+
+def _packed_config_id(ident: str) -> bytes:
+    for index, prefix in enumerate(_ID_PREFIXES):
+        if index and ident.startswith(prefix):
+            return index.to_bytes(1, "big") + utf8(ident[len(prefix) :])
+    return b"\x00" + utf8(ident)
+
+
+def _config_id_of(packed: bytes) -> str:
+    return _ID_PREFIXES[packed[0]] + text_of(packed[1:])
+
+
+def _packed_digest(digest: str) -> bytes:
+    if len(digest) == 2 * PER_KEY_DIGEST_BYTES:
+        with contextlib.suppress(ValueError):
+            raw = bytes.fromhex(digest)
+            if raw.hex() == digest:  # fromhex skips spaces and reads capitals: only exact text
+                return _HEX_TEXT + raw
+    return _PLAIN_TEXT + utf8(digest)
+
+
+def _digest_of(packed: bytes) -> str:
+    if packed[:1] == _HEX_TEXT:
+        return packed[1:].hex()
+    return text_of(packed[1:])
+
+
 def pack_configs(configs: Iterable[tuple[str, str]]) -> bytes:
-    """(config id, digest) pairs as one bytes object, sorted by id, each string framed."""
-    return b"".join(_framed(_utf8(ident), _utf8(digest)) for ident, digest in sorted(configs))
+    """(config id, digest) pairs as one bytes object, sorted by id: about 40 bytes a config with a
+    20-character name, where the two strings framed as text took 70."""
+    return framed(
+        part
+        for ident, digest in sorted(configs)
+        for part in (_packed_config_id(ident), _packed_digest(digest))
+    )
 
 
 def encode_record(record: Recorded) -> str:

@@ -12,14 +12,18 @@ Guarantees:
 
 Memory: at 20,000 referenced configs the index was the largest thing the controller kept (a key
 object and a set per config, a frozenset of keys per workload: about 7 MiB). Now a config costs one
-dict entry whose key is the name string the workload's snapshot already holds, and whose value is
-the one dependent workload's key (a set only when several share the config); the forward map is
-not stored but recomputed from the indexed snapshot, which the informer keeps anyway.
+dict entry whose value is the one dependent workload's key (a set only when several share the
+config); the forward map is not stored but recomputed from the indexed snapshot, which the
+informer keeps anyway. The entry's key is a name string, 50 to 100 bytes, and the config
+informer's store keeps one with the same text: ``share_names`` makes the index use the store's
+(at the first sync, for every config; later, for each config created), so a config's name is kept
+once. A workload indexed later for a config nobody referenced before keeps a string of its own
+until that config is created again or the controller restarts.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from reloader.model import CONFIG_KINDS, ConfigKey, ConfigKind, WorkloadKey
@@ -113,11 +117,34 @@ class ReferenceIndex:
         if snapshot is None:
             return frozenset()
         config = snapshot.key
+        if old is None and new is not None:
+            self._share_name(config.kind, config.namespace, new.name)
         found = set(self.dependents(config))
         for key, workload in self._patterns.get((config.kind, config.namespace), {}).items():
             if workload.policy.wants(config.kind, config.name, referenced=False, match=False):
                 found.add(key)
         return frozenset(found)
+
+    def share_names(self, kind: ConfigKind, namespace: str, names: Iterable[str]) -> None:
+        """Key this namespace's entries with these string objects (a config store's own keys)
+        where the text is equal, so one string per config name is kept rather than two.
+
+        The namespace's dict is built anew: taking each entry out and putting it back would leave
+        as many dead slots as entries, and the dict would resize to twice its size."""
+        indexed = self._dependents.get((kind, namespace))
+        if not indexed:
+            return
+        shared = {name: indexed[name] for name in names if name in indexed}
+        if shared:
+            for name, dependents in indexed.items():
+                shared.setdefault(name, dependents)  # an equal key already in keeps its object
+            self._dependents[(kind, namespace)] = shared
+
+    def _share_name(self, kind: ConfigKind, namespace: str, name: str) -> None:
+        """One config created: its entry, if any, takes the store's string for its key."""
+        indexed = self._dependents.get((kind, namespace))
+        if indexed is not None and name in indexed:
+            indexed[name] = indexed.pop(name)
 
     def _index(self, workload: WorkloadSnapshot) -> None:
         if not workload.policy.opted_in:

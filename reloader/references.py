@@ -32,7 +32,13 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterable, Iterator, Mapping
 
+from reloader.framing import framed, text_of, unframed, utf8
 from reloader.model import SPC, ConfigKind, ConfigRef
+
+PackedReferences = bytes
+"""A workload's references in one bytes object (``pack_references``): every opted-in workload keeps
+them for as long as it exists, and a ``ConfigRef`` per reference (64 bytes, plus its name as a
+string of its own) was the largest part of a cached Deployment."""
 
 _Source = tuple[ConfigKind, str, frozenset[str] | None]
 """(kind, name, keys) named by one volume, before containers are attributed."""
@@ -145,6 +151,41 @@ def _combine(a: ConfigRef, b: ConfigRef) -> ConfigRef:
     """Two uses of one config: whole-object beats keys; keys and containers unite."""
     keys = None if a.keys is None or b.keys is None else a.keys | b.keys
     return ConfigRef(a.kind, a.name, keys, _names((*a.containers, *b.containers)))
+
+
+_KINDS: tuple[ConfigKind, ...] = ("ConfigMap", "Secret", SPC)
+_WHOLE_OBJECT = b""
+_SOME_KEYS = b"k"
+"""Leads the keys part of a reference that reads some keys, so an empty set is not ``None``."""
+
+
+def pack_references(references: Iterable[ConfigRef]) -> PackedReferences:
+    """References, in their order, as four framed parts each: kind, name, keys, containers."""
+    parts: list[bytes] = []
+    for ref in references:
+        keys = (
+            _WHOLE_OBJECT
+            if ref.keys is None
+            else _SOME_KEYS + framed(utf8(key) for key in sorted(ref.keys))
+        )
+        containers = framed(utf8(name) for name in ref.containers)
+        parts += [_KINDS.index(ref.kind).to_bytes(1, "big"), utf8(ref.name), keys, containers]
+    return framed(parts)
+
+
+def unpack_references(packed: PackedReferences) -> tuple[ConfigRef, ...]:
+    """The references ``pack_references`` packed; built anew on each call (do not keep them)."""
+    parts = unframed(packed)
+    return tuple(_unpacked(*parts[at : at + 4]) for at in range(0, len(parts), 4))
+
+
+def _unpacked(kind: bytes, name: bytes, keys: bytes, containers: bytes) -> ConfigRef:
+    return ConfigRef(
+        _KINDS[kind[0]],
+        text_of(name),
+        None if keys == _WHOLE_OBJECT else frozenset(map(text_of, unframed(keys[1:]))),
+        tuple(map(text_of, unframed(containers))),
+    )
 
 
 def _names(names: Iterable[str]) -> tuple[str, ...]:

@@ -51,7 +51,12 @@ from reloader.model import (
     WorkloadKind,
     pod_template,
 )
-from reloader.references import find_references
+from reloader.references import (
+    PackedReferences,
+    find_references,
+    pack_references,
+    unpack_references,
+)
 
 _OUR_ENV = re.compile(r"STAKATER_.+_(CONFIGMAP|SECRET|SECRETPROVIDERCLASS)")
 """Env vars the env-vars strategy sets (ours or Stakater's): a restart, not a template edit."""
@@ -110,8 +115,9 @@ def unpacker(kind: ConfigKind) -> Callable[[str, str, object], ConfigSnapshot]:
 @dataclass(frozen=True, slots=True)
 class WorkloadSnapshot:
     key: WorkloadKey
-    references: tuple[ConfigRef, ...]
-    """One per (kind, name), sorted (``references.find_references``)."""
+    packed_references: PackedReferences
+    """``references``, packed: kept per cached workload, read only when it is decided on or
+    re-indexed."""
     policy: Policy
     problems: tuple[Problem, ...]
     recorded: Recorded | None
@@ -123,14 +129,13 @@ class WorkloadSnapshot:
     uid: str = field(compare=False, default="")
 
     @property
+    def references(self) -> tuple[ConfigRef, ...]:
+        """One per (kind, name), sorted (``references.find_references``); built on each call."""
+        return unpack_references(self.packed_references)
+
+    @property
     def first_container(self) -> str | None:
         return self.containers[0] if self.containers else None
-
-    def reference_to(self, kind: ConfigKind, name: str) -> ConfigRef | None:
-        for ref in self.references:
-            if ref.kind == kind and ref.name == name:
-                return ref
-        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -330,7 +335,11 @@ def workload_snapshot(
     spec = obj.get("spec")
     return WorkloadSnapshot(
         key=WorkloadKey(kind.name, metadata.get("namespace", ""), metadata.get("name", "")),
-        references=(find_references(pod_spec or {}, csi=context.csi) if policy.opted_in else ()),
+        packed_references=(
+            pack_references(find_references(pod_spec or {}, csi=context.csi))
+            if policy.opted_in
+            else b""
+        ),
         policy=policy,
         problems=problems,
         recorded=recorded,

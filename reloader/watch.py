@@ -234,6 +234,10 @@ class Informer(Generic[T]):
             return cast(dict[str, T], objects)
         return _Unpacked(namespace, objects, self._packing.unpack)
 
+    def cached_namespaces(self) -> list[str]:
+        """The namespaces the store holds objects of."""
+        return list(self._store)
+
     def values(self) -> Iterator[T]:
         for namespace in self._store:
             yield from self.in_namespace(namespace).values()

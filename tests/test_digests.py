@@ -112,6 +112,32 @@ def test_record_round_trips() -> None:
     assert f'"v":{RECORD_VERSION}' in encode_record(bound)
 
 
+@pytest.mark.parametrize(
+    "configs",
+    [
+        pytest.param({"ConfigMap/app": "0123456789abcdef" * 2}, id="hex-digest"),
+        pytest.param({"Secret/db": "0123456789ABCDEF" * 2}, id="capital-hex-kept-as-text"),
+        pytest.param({"Secret/db": "0123456789abcde " * 2}, id="hex-with-spaces"),
+        pytest.param({"ConfigMap/app": ""}, id="absent"),
+        pytest.param({"SecretProviderClass/vault@Deployment/web": "d"}, id="provider-class"),
+        pytest.param({"Job/x": "d", "ConfigMap": "e", "": ""}, id="ids-of-no-known-kind"),
+        pytest.param({"ConfigMap/" + "n" * 300: "é" * 300}, id="long-parts"),
+    ],
+)
+def test_packed_records_give_back_what_was_recorded(configs: dict[str, str]) -> None:
+    """Packing is for memory only: the annotation written back is the one read, byte for byte,
+    whatever a hand-edited record holds."""
+    record = Recorded.of("k", configs)
+    assert record.as_dict() == configs
+    assert decode_record(encode_record(record)) == record
+
+
+def test_a_hex_digest_is_kept_in_half_its_text() -> None:
+    """The whole entry, id included, takes less than the digest's text alone."""
+    digest = "0123456789abcdef" * 2
+    assert len(Recorded.of("k", {"ConfigMap/app": digest}).packed_configs) < len(digest)
+
+
 def test_a_record_without_version_is_version_one() -> None:
     """The format of controllers before the digests were bound: parsed, then set aside."""
     old = decode_record('{"keyId":"k","configs":{"ConfigMap/a":"d"},"restartedAt":7}')

@@ -6,7 +6,12 @@ from typing import Any
 
 from reloader.index import ReferenceIndex
 from reloader.model import KINDS, ConfigKey, RawObject, WorkloadKey
-from reloader.snapshots import WorkloadSnapshot, config_snapshot, workload_snapshot
+from reloader.snapshots import (
+    ConfigSnapshot,
+    WorkloadSnapshot,
+    config_snapshot,
+    workload_snapshot,
+)
 from tests.test_snapshots import CONTEXT
 
 AUTO = {"reloader.stakater.com/auto": "true"}
@@ -31,10 +36,13 @@ def key(name: str) -> WorkloadKey:
     return WorkloadKey("Deployment", "ns", name)
 
 
-def changed(index: ReferenceIndex, name: str, namespace: str = "ns") -> frozenset[WorkloadKey]:
+def config(name: str, namespace: str = "ns") -> ConfigSnapshot:
     body: dict[str, Any] = {"metadata": {"name": name, "namespace": namespace}, "data": {}}
-    snapshot = config_snapshot("ConfigMap", RawObject(**body), context=CONTEXT)  # type: ignore[typeddict-item]
-    return index.config_changed(None, snapshot)
+    return config_snapshot("ConfigMap", RawObject(**body), context=CONTEXT)  # type: ignore[typeddict-item]
+
+
+def changed(index: ReferenceIndex, name: str, namespace: str = "ns") -> frozenset[WorkloadKey]:
+    return index.config_changed(None, config(name, namespace))
 
 
 def test_a_config_shared_by_two_workloads_finds_both_until_one_leaves() -> None:
@@ -102,3 +110,18 @@ def test_the_same_config_referenced_and_listed_is_one_dependency() -> None:
     assert index.dependents(cm("cfg")) == {key("a")}
     index.workload_changed(both, None)
     assert index.dependents(cm("cfg")) == frozenset()
+
+
+def test_the_index_keeps_the_config_stores_name_strings() -> None:
+    """Equal text is not enough: the index must hold the very string the store keys a config
+    with, at the first sync for every config and later for each config created."""
+    index = ReferenceIndex()
+    index.workload_changed(None, workload("web", "listed-first", "created-later"))
+    stored = "".join(["listed-", "first"])  # equal text, another object
+    index.share_names("ConfigMap", "ns", [stored, "not-referenced"])
+    created = "".join(["created-", "later"])
+    assert index.config_changed(None, config(created)) == {key("web")}
+    keys = {name: name for name in index._dependents[("ConfigMap", "ns")]}
+    assert keys["listed-first"] is stored and keys["created-later"] is created
+    assert index.dependents(cm("listed-first")) == {key("web")}
+    assert index.dependents(cm("not-referenced")) == frozenset()

@@ -35,7 +35,7 @@ PAUSED_AT = "deployment.reloader.stakater.com/paused-at"
 def snapshot(kind: str = "Deployment") -> WorkloadSnapshot:
     return WorkloadSnapshot(
         key=WorkloadKey(kind, "ns", "web"),  # type: ignore[arg-type]
-        references=(),
+        packed_references=b"",
         policy=Policy(),
         problems=(),
         recorded=None,

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from reloader.model import ConfigKind, ConfigRef
-from reloader.references import find_references
+from reloader.references import find_references, pack_references, unpack_references
 
 
 def ref(kind: ConfigKind, name: str, keys: set[str] | None, containers: set[str]) -> ConfigRef:
@@ -356,3 +356,32 @@ def test_malformed_items_read_the_whole_object() -> None:
 def test_container_without_a_name_still_references() -> None:
     spec = {"containers": [{"envFrom": [{"secretRef": {"name": "s"}}]}]}
     assert found(spec) == {ref("Secret", "s", None, set())}
+
+
+@pytest.mark.parametrize(
+    "references",
+    [
+        pytest.param((), id="none"),
+        pytest.param(
+            (
+                ref("ConfigMap", "app", None, {"app"}),
+                ref("ConfigMap", "keys", {"a", "b.properties"}, {"app", "init"}),
+                ref("Secret", "db", {"password"}, set()),
+                ref("SecretProviderClass", "vault", None, {"app"}),
+            ),
+            id="every-kind-and-shape",
+        ),
+        pytest.param(
+            (ref("ConfigMap", "n" * 300, {"k" * 400}, {"c" * 255}),), id="parts-over-254-bytes"
+        ),
+        pytest.param((ref("Secret", "ключ", {"\ud800"}, {"é"}),), id="not-ascii"),
+    ],
+)
+def test_packed_references_unpack_to_equal_references(references: tuple[ConfigRef, ...]) -> None:
+    assert unpack_references(pack_references(references)) == references
+
+
+def test_an_empty_key_set_stays_apart_from_the_whole_object() -> None:
+    """``find_references`` never makes one, but packing must not turn it into "every key"."""
+    some = ref("ConfigMap", "app", set(), {"app"})
+    assert unpack_references(pack_references([some])) == (some,)
