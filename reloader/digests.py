@@ -26,6 +26,7 @@ import contextlib
 import hashlib
 import hmac
 import secrets
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -290,7 +291,7 @@ def decode_record(value: str | None) -> Recorded | None:
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in configs.items()):
         return None
     return Recorded(
-        key_id,
+        sys.intern(key_id),  # every record made under one key names it: one string for all
         pack_configs(configs.items()),
         restarted_at=_integer(body, "restartedAt"),
         uid=_text(body, "uid"),

@@ -643,11 +643,12 @@ class Restarter:
         problems, so the message stays within what an Event shows.
         """
         problems = tuple(workload.problems)
-        if self._reported.get(workload.key) == problems:
+        if self._reported.get(workload.key, ()) == problems:
+            return
+        if not problems:  # only workloads with problems have an entry: most have none
+            del self._reported[workload.key]
             return
         self._reported[workload.key] = problems
-        if not problems:
-            return
         listed = "; ".join(problem.text for problem in problems[:5])
         more = f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
         message = f"{len(problems)} invalid annotation value(s) ignored: {listed}{more}"

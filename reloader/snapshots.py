@@ -334,7 +334,9 @@ def workload_snapshot(
     pod_spec = template.get("spec") if isinstance(template.get("spec"), dict) else {}
     spec = obj.get("spec")
     return WorkloadSnapshot(
-        key=WorkloadKey(kind.name, metadata.get("namespace", ""), metadata.get("name", "")),
+        key=WorkloadKey(
+            kind.name, sys.intern(metadata.get("namespace", "")), metadata.get("name", "")
+        ),
         packed_references=(
             pack_references(find_references(pod_spec or {}, csi=context.csi))
             if policy.opted_in
