@@ -29,7 +29,6 @@ only cause a restart, never hide one.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterable, Iterator, Mapping
 
 from reloader.framing import framed, text_of, unframed, utf8
@@ -189,9 +188,8 @@ def _unpacked(kind: bytes, name: bytes, keys: bytes, containers: bytes) -> Confi
 
 
 def _names(names: Iterable[str]) -> tuple[str, ...]:
-    """Container names, sorted, deduplicated and interned: the same few names ("app") recur in
-    every workload, and a reference keeps them for the workload's lifetime."""
-    return tuple(sorted({sys.intern(name) for name in names}))
+    """Container names, sorted and deduplicated."""
+    return tuple(sorted(set(names)))
 
 
 def _dicts(value: object) -> Iterator[Mapping[str, object]]:

@@ -201,8 +201,10 @@ def _container_names(pod_spec: object) -> tuple[str, ...]:
     containers = pod_spec.get("containers") if isinstance(pod_spec, dict) else None
     if not isinstance(containers, list):
         return ()
-    return tuple(
-        c["name"] for c in containers if isinstance(c, dict) and isinstance(c.get("name"), str)
+    return tuple(  # interned: the same few names ("app") recur in every cached workload
+        sys.intern(c["name"])
+        for c in containers
+        if isinstance(c, dict) and isinstance(c.get("name"), str)
     )
 
 
