@@ -7,11 +7,12 @@ sent) and runs each informer's own page path (``Informer._list``'s ``_upsert_pag
 list pages encoded as the API server sends them (metadata with uid, resourceVersion, timestamps and
 ``managedFields``), and reports:
 
-- the RSS delta after the sync, after ``release_freed_memory`` (what the controller does), and
-  per cached object;
+- the RSS delta after the sync, after ``Controller.settle_caches`` (what the controller does once
+  synced: the index takes the stores' name strings, the lists' memory is trimmed), and per
+  cached object;
 - with ``--trace``, the tracemalloc size of what stays alive and the top allocation sites.
 
-What it leaves out, and the scale run includes: the records on workloads (about 600 B per
+What it leaves out, and the scale run includes: the records on workloads (about 450 B per
 Deployment with ten configs), the connections' buffers, and the first pass over the workloads.
 
 Run: ``python -m bench.memprobe`` (10k ConfigMaps + 10k Secrets of 4 KiB + 2k Deployments).
