@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from typing import Any, cast
 
 import orjson
-import psutil
+import psutil  # type: ignore[import-untyped]
 from kubernetes_asyncio.client.configuration import Configuration
 
 from bench.scale import ScaleSizes, objects
@@ -118,7 +118,9 @@ async def _probe(argv: list[str] | None) -> None:
         pages(sizes, args.config_page_size)
     )  # the bodies exist before the probe, as on the wire
     controller = _controller()
-    informers: dict[str, Informer[Any]] = {**controller.configs, **controller.workloads}
+    informers: dict[str, Informer[Any]] = {}
+    for kinds in (controller.configs, controller.workloads):
+        informers.update(cast(dict[str, Informer[Any]], kinds))
     release_freed_memory()
     if args.trace:
         tracemalloc.start()

@@ -50,8 +50,12 @@ def verbs(requests: Mapping[str, int]) -> str:
 
 
 def run_label(result: RunResult) -> str:
+    return round_label(result.scenario, result.round)
+
+
+def round_label(scenario: str, round_: int) -> str:
     """``S3``, or ``S3 #2`` for a later round."""
-    return result.scenario if result.round == 1 else f"{result.scenario} #{result.round}"
+    return scenario if round_ == 1 else f"{scenario} #{round_}"
 
 
 def pooled_latencies(

@@ -218,8 +218,9 @@ async def _run_one(
     try:
         result = replace(await run_scenario(bench, scenario, contender), round=round_)
     except (RuntimeError, ApiError) as error:
-        print(f"  {scenario.id:<4} {contender.name:<9} FAILED: {error}", flush=True)
-        facts.setdefault("failed_runs", []).append(f"{scenario.id} {contender.name}: {error}")
+        label = report.round_label(scenario.id, round_)
+        print(f"  {label:<7} {contender.name:<9} FAILED: {error}", flush=True)
+        facts.setdefault("failed_runs", []).append(f"{label} {contender.name}: {error}")
         return None
     print(report.summary_line(result), flush=True)
     return result
