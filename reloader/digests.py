@@ -29,11 +29,12 @@ import secrets
 import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import get_args
 
 import orjson
 
 from reloader.framing import framed, text_of, unframed, utf8
-from reloader.model import ConfigKey
+from reloader.model import ConfigKey, ConfigKind
 
 RECORD_VERSION = 2
 """Version 1 had no ``v`` field, digests not bound to the config's identity and no binding to the
@@ -202,8 +203,9 @@ class Recorded:
         return cls("", b"", restarted_at, uid, template, RECORD_VERSION, reset)
 
 
-_ID_PREFIXES = ("", "ConfigMap/", "Secret/", "SecretProviderClass/")
-"""How a record names configs (``decide.config_id``): a packed id keeps the prefix's index."""
+_ID_PREFIXES = ("", *(f"{kind}/" for kind in get_args(ConfigKind)))
+"""How a record names configs (``decide.config_id``: kind, slash, name): a packed id keeps the
+prefix's index; index 0 is an id of no known kind, kept whole."""
 _HEX_TEXT = b"h"
 _PLAIN_TEXT = b"t"
 """Lead a packed digest: 16 bytes that were 32 lowercase hex characters, or the text as found (an

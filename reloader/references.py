@@ -30,6 +30,7 @@ only cause a restart, never hide one.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
+from typing import get_args
 
 from reloader.framing import framed, text_of, unframed, utf8
 from reloader.model import SPC, ConfigKind, ConfigRef
@@ -152,7 +153,8 @@ def _combine(a: ConfigRef, b: ConfigRef) -> ConfigRef:
     return ConfigRef(a.kind, a.name, keys, _names((*a.containers, *b.containers)))
 
 
-_KINDS: tuple[ConfigKind, ...] = ("ConfigMap", "Secret", SPC)
+_KINDS: tuple[ConfigKind, ...] = get_args(ConfigKind)
+"""A packed reference keeps its kind's index here (memory only: the order may change)."""
 _WHOLE_OBJECT = b""
 _SOME_KEYS = b"k"
 """Leads the keys part of a reference that reads some keys, so an empty set is not ``None``."""
