@@ -8,7 +8,7 @@ list pages encoded as the API server sends them (metadata with uid, resourceVers
 ``managedFields``), and reports:
 
 - the RSS delta after the sync, after ``Controller.settle_caches`` (what the controller does once
-  synced: the index takes the stores' name strings, the lists' memory is trimmed), and per
+  synced: the packed tables compacted, the lists' memory trimmed), and per
   cached object;
 - with ``--trace``, the tracemalloc size of what stays alive and the top allocation sites.
 

@@ -421,18 +421,13 @@ class Controller:
         self._enqueue(self.index.config_changed(old, new))
 
     def settle_caches(self) -> None:
-        """Once every informer has synced: one string per config name, the start-up lists'
-        memory handed back, and the cache out of the cyclic collector's reach."""
-        self._share_config_names()
+        """Once every informer has synced: the packed tables in buffers of their exact size, the
+        start-up lists' memory handed back, and the cache out of the cyclic collector's reach."""
+        for informer in self.configs.values():
+            informer.compact()
+        self.index.compact()
         release_freed_memory()
         keep_out_of_collections()
-
-    def _share_config_names(self) -> None:
-        """After the first sync the index and the config stores hold two equal strings for every
-        referenced config: keep the stores' (``ReferenceIndex.share_names``)."""
-        for kind, informer in self.configs.items():
-            for namespace in informer.cached_namespaces():
-                self.index.share_names(kind, namespace, informer.in_namespace(namespace))
 
     def _on_provider_class(self, workload: WorkloadKey, config: ConfigKey) -> None:
         """One workload's view of a SecretProviderClass changed: look at it (after the debounce,

@@ -30,18 +30,22 @@ def framed(parts: Iterable[bytes]) -> bytes:
     return b"".join(frame(part) for part in parts)
 
 
+def part_at(data: bytes | bytearray, at: int) -> tuple[int, int]:
+    """Where the part framed at offset ``at`` starts and ends (its length read, not copied)."""
+    size = data[at]
+    if size == _LONG:
+        start = at + 5
+        return start, start + int.from_bytes(data[at + 1 : start], "big")
+    return at + 1, at + 1 + size
+
+
 def unframed(data: bytes) -> list[bytes]:
     """The parts ``framed`` joined, in order."""
     parts: list[bytes] = []
     at, end = 0, len(data)
     while at < end:
-        size = data[at]
-        at += 1
-        if size == _LONG:
-            size = int.from_bytes(data[at : at + 4], "big")
-            at += 4
-        parts.append(data[at : at + size])
-        at += size
+        start, at = part_at(data, at)
+        parts.append(data[start:at])
     return parts
 
 

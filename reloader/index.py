@@ -11,26 +11,43 @@ Guarantees:
   found, so an optional reference made before its config is picked up.
 
 Memory: at 20,000 referenced configs the index was the largest thing the controller kept (a key
-object and a set per config, a frozenset of keys per workload: about 7 MiB). Now a config costs one
-dict entry whose value is the one dependent workload's key (a set only when several share the
-config); the forward map is not stored but recomputed from the indexed snapshot, which the
-informer keeps anyway. The entry's key is a name string, 50 to 100 bytes, and the config
-informer's store keeps one with the same text: ``share_names`` makes the index use the store's
-(at the first sync, for every config; later, for each config created), so a config's name is kept
-once. A workload indexed later for a config nobody referenced before keeps a string of its own
-until that config is created again or the controller restarts.
+object and a set per config, a frozenset of keys per workload: about 7 MiB). Now each (kind,
+namespace) is one ``PackedTable``: a config's entry is its name and the names of its dependents
+(a kind byte and the workload's name each; the namespace is the config's), about 50 bytes in two
+buffers where a dict entry and a name string were about 120. The forward map is not stored but
+recomputed from the indexed snapshot, which the informer keeps anyway.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import get_args
 
-from reloader.model import CONFIG_KINDS, ConfigKey, ConfigKind, WorkloadKey
+from reloader.framing import frame, framed, text_of, unframed, utf8
+from reloader.model import CONFIG_KINDS, ConfigKey, ConfigKind, WorkloadKey, WorkloadKindName
 from reloader.snapshots import ConfigSnapshot, WorkloadSnapshot
+from reloader.table import PackedTable
 
-Dependents = WorkloadKey | set[WorkloadKey]
-"""One workload's key, or a set of them when several depend on one config (the rare case)."""
+_WORKLOAD_KINDS: tuple[WorkloadKindName, ...] = get_args(WorkloadKindName)
+PACKED_DEPENDENTS = 8
+"""The most dependents a config's entry names itself; a config shared by more (one ConfigMap used
+by every Deployment of a namespace) keeps them in a set, so adding the n-th costs O(1) rather
+than a scan of the n - 1 before it."""
+_CROWDED = b""
+"""An entry's value when its dependents are in ``ReferenceIndex._crowded``."""
+
+
+def _dependent(key: WorkloadKey) -> bytes:
+    """One workload as a config's entry names it: its kind's index, then its name."""
+    return bytes((_WORKLOAD_KINDS.index(key.kind),)) + utf8(key.name)
+
+
+def _dependent_keys(namespace: str, entry: bytes) -> frozenset[WorkloadKey]:
+    return frozenset(
+        WorkloadKey(_WORKLOAD_KINDS[part[0]], namespace, text_of(part[1:]))
+        for part in unframed(entry)
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,27 +72,28 @@ def _needs_look(workload: WorkloadSnapshot) -> bool:
     return workload.policy.opted_in or bool(workload.problems) or workload.paused_at is not None
 
 
-def _members(dependents: Dependents | None) -> frozenset[WorkloadKey]:
-    if dependents is None:
-        return frozenset()
-    if isinstance(dependents, WorkloadKey):
-        return frozenset({dependents})
-    return frozenset(dependents)
-
-
 class ReferenceIndex:
     """Reverse (config → workloads) map, by (kind, namespace) then name; and the snapshot each
     workload was indexed with, from which its forward map is recomputed when it is re-indexed."""
 
     def __init__(self) -> None:
-        self._dependents: dict[tuple[ConfigKind, str], dict[str, Dependents]] = {}
+        self._dependents: dict[tuple[ConfigKind, str], PackedTable] = {}
+        """(kind, namespace) → config name → its dependents, framed (``_dependent``), or
+        ``_CROWDED``."""
+        self._crowded: dict[ConfigKey, set[WorkloadKey]] = {}
+        """The dependents of configs with more than ``PACKED_DEPENDENTS``."""
         self._indexed: dict[WorkloadKey, WorkloadSnapshot] = {}
         self._patterns: dict[tuple[ConfigKind, str], dict[WorkloadKey, WorkloadSnapshot]] = {}
 
     def dependents(self, config: ConfigKey) -> frozenset[WorkloadKey]:
         """Workloads that reference ``config`` or list it by exact name."""
         names = self._dependents.get((config.kind, config.namespace))
-        return _members(names.get(config.name) if names is not None else None)
+        entry = names.get(config.name) if names is not None else None
+        if entry is None:
+            return frozenset()
+        if entry == _CROWDED:
+            return frozenset(self._crowded[config])
+        return _dependent_keys(config.namespace, entry)
 
     def dependencies(self, workload: WorkloadKey) -> frozenset[ConfigKey]:
         indexed = self._indexed.get(workload)
@@ -117,49 +135,39 @@ class ReferenceIndex:
         if snapshot is None:
             return frozenset()
         config = snapshot.key
-        if old is None and new is not None:
-            self._share_name(config.kind, config.namespace, new.name)
         found = set(self.dependents(config))
         for key, workload in self._patterns.get((config.kind, config.namespace), {}).items():
             if workload.policy.wants(config.kind, config.name, referenced=False, match=False):
                 found.add(key)
         return frozenset(found)
 
-    def share_names(self, kind: ConfigKind, namespace: str, names: Iterable[str]) -> None:
-        """Key this namespace's entries with these string objects (a config store's own keys)
-        where the text is equal, so one string per config name is kept rather than two.
-
-        The namespace's dict is built anew: taking each entry out and putting it back would leave
-        as many dead slots as entries, and the dict would resize to twice its size."""
-        indexed = self._dependents.get((kind, namespace))
-        if not indexed:
-            return
-        shared = {name: indexed[name] for name in names if name in indexed}
-        if shared:
-            for name, dependents in indexed.items():
-                shared.setdefault(name, dependents)  # an equal key already in keeps its object
-            self._dependents[(kind, namespace)] = shared
-
-    def _share_name(self, kind: ConfigKind, namespace: str, name: str) -> None:
-        """One config created: its entry, if any, takes the store's string for its key."""
-        indexed = self._dependents.get((kind, namespace))
-        if indexed is not None and name in indexed:
-            indexed[name] = indexed.pop(name)
+    def compact(self) -> None:
+        """Give every table buffers of their exact size (``PackedTable.compact``)."""
+        for names in self._dependents.values():
+            names.compact()
 
     def _index(self, workload: WorkloadSnapshot) -> None:
         if not workload.policy.opted_in:
             return
         key = workload.key
         self._indexed[key] = workload
+        dependent = _dependent(key)
         for kind, name in _exact_dependencies(workload):
-            names = self._dependents.setdefault((kind, key.namespace), {})
+            names = self._dependents.get((kind, key.namespace))
+            if names is None:
+                names = self._dependents[(kind, key.namespace)] = PackedTable()
             present = names.get(name)
             if present is None:
-                names[name] = key
-            elif isinstance(present, set):
-                present.add(key)
-            elif present != key:
-                names[name] = {present, key}
+                names[name] = frame(dependent)
+            elif present == _CROWDED:
+                self._crowded[ConfigKey(kind, key.namespace, name)].add(key)
+            elif dependent not in (parts := unframed(present)):
+                if len(parts) < PACKED_DEPENDENTS:
+                    names[name] = present + frame(dependent)
+                else:
+                    crowd = _dependent_keys(key.namespace, present) | {key}
+                    self._crowded[ConfigKey(kind, key.namespace, name)] = set(crowd)
+                    names[name] = _CROWDED
         for kind in CONFIG_KINDS:
             if workload.policy.has_regex(kind):
                 self._patterns.setdefault((kind, key.namespace), {})[key] = workload
@@ -179,11 +187,23 @@ class ReferenceIndex:
         present = names.get(name) if names is not None else None
         if names is None or present is None:
             return
-        if isinstance(present, set):
-            present.discard(key)
-            if len(present) == 1:
-                names[name] = next(iter(present))
-        elif present == key:
+        remaining = self._without(ConfigKey(kind, namespace, name), present, key)
+        if remaining is None:
             del names[name]
+        elif remaining != present:
+            names[name] = remaining
         if not names:
             del self._dependents[(kind, namespace)]
+
+    def _without(self, config: ConfigKey, entry: bytes, key: WorkloadKey) -> bytes | None:
+        """``config``'s entry once ``key`` no longer depends on it; None when nothing does."""
+        if entry != _CROWDED:
+            dependent = _dependent(key)
+            parts = [part for part in unframed(entry) if part != dependent]
+            return framed(parts) if parts else None
+        crowd = self._crowded[config]
+        crowd.discard(key)
+        if crowd:
+            return _CROWDED
+        del self._crowded[config]
+        return None

@@ -27,7 +27,6 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from typing import cast
 
 import orjson
 
@@ -88,26 +87,26 @@ class ConfigSnapshot:
         return ConfigKey(self.kind, self.namespace, self.name)
 
 
-PackedConfig = KeyDigests | tuple[KeyDigests, bool, bool]
-"""What a config informer's store keeps: the digests alone for the usual config, with neither
-``match`` nor ``ignore`` set; else the digests and both flags. Kind, namespace and name are the
-informer's and the store's keys."""
+PackedConfig = bytes
+"""What a config informer's store keeps (a ``table.PackedTable`` value): one byte of flags
+(``match``, ``ignore``), then the digests. Kind, namespace and name are the informer's and the
+store's keys."""
+_MATCH, _IGNORE = 1, 2
 
 
 def pack_config(snapshot: ConfigSnapshot) -> PackedConfig:
-    if snapshot.match or snapshot.ignore:
-        return (snapshot.digests, snapshot.match, snapshot.ignore)
-    return snapshot.digests
+    flags = (_MATCH if snapshot.match else 0) | (_IGNORE if snapshot.ignore else 0)
+    return bytes((flags,)) + snapshot.digests
 
 
-def unpacker(kind: ConfigKind) -> Callable[[str, str, object], ConfigSnapshot]:
+def unpacker(kind: ConfigKind) -> Callable[[str, str, bytes], ConfigSnapshot]:
     """Rebuild a config's snapshot from its store keys and ``pack_config``'s value."""
 
-    def unpack(namespace: str, name: str, packed: object) -> ConfigSnapshot:
-        if isinstance(packed, tuple):
-            digests, match, ignore = packed
-            return ConfigSnapshot(kind, namespace, name, digests, match, ignore)
-        return ConfigSnapshot(kind, namespace, name, cast(KeyDigests, packed), False, False)
+    def unpack(namespace: str, name: str, packed: bytes) -> ConfigSnapshot:
+        flags = packed[0]
+        return ConfigSnapshot(
+            kind, namespace, name, packed[1:], bool(flags & _MATCH), bool(flags & _IGNORE)
+        )
 
     return unpack
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from reloader.index import ReferenceIndex
+from reloader.index import PACKED_DEPENDENTS, ReferenceIndex
 from reloader.model import KINDS, ConfigKey, RawObject, WorkloadKey
 from reloader.snapshots import (
     ConfigSnapshot,
@@ -112,16 +112,19 @@ def test_the_same_config_referenced_and_listed_is_one_dependency() -> None:
     assert index.dependents(cm("cfg")) == frozenset()
 
 
-def test_the_index_keeps_the_config_stores_name_strings() -> None:
-    """Equal text is not enough: the index must hold the very string the store keys a config
-    with, at the first sync for every config and later for each config created."""
+def test_a_config_shared_by_many_workloads_keeps_every_dependent() -> None:
+    """Past ``PACKED_DEPENDENTS`` a config's dependents move to a set: each one is found, and
+    taking them away one by one leaves exactly the others, then nothing at all."""
     index = ReferenceIndex()
-    index.workload_changed(None, workload("web", "listed-first", "created-later"))
-    stored = "".join(["listed-", "first"])  # equal text, another object
-    index.share_names("ConfigMap", "ns", [stored, "not-referenced"])
-    created = "".join(["created-", "later"])
-    assert index.config_changed(None, config(created)) == {key("web")}
-    keys = {name: name for name in index._dependents[("ConfigMap", "ns")]}
-    assert keys["listed-first"] is stored and keys["created-later"] is created
-    assert index.dependents(cm("listed-first")) == {key("web")}
-    assert index.dependents(cm("not-referenced")) == frozenset()
+    count = PACKED_DEPENDENTS * 3
+    snapshots = [workload(f"app-{n}", "shared", f"own-{n}") for n in range(count)]
+    for snapshot in snapshots:
+        index.workload_changed(None, snapshot)
+    assert index.dependents(cm("shared")) == {key(f"app-{n}") for n in range(count)}
+    assert index.dependents(cm("own-5")) == {key("app-5")}
+    for n, snapshot in enumerate(snapshots):
+        index.workload_changed(snapshot, None)
+        assert index.dependents(cm("shared")) == {key(f"app-{m}") for m in range(n + 1, count)}
+        assert index.dependents(cm(f"own-{n}")) == frozenset()
+    assert index._dependents == {} and index._crowded == {}
+    assert index.statistics().configs == 0
