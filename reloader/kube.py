@@ -198,6 +198,16 @@ class ApiUnavailable(ApiError):
     pass
 
 
+class PageTooLarge(Exception):
+    """A list page's body grew past the size the caller allowed; it was dropped unread and its
+    connection closed. Not an API error: the same request with a smaller ``limit`` succeeds."""
+
+    def __init__(self, size: int, max_bytes: int) -> None:
+        super().__init__(f"list page over {max_bytes} bytes (dropped at {size})")
+        self.size = size
+        self.max_bytes = max_bytes
+
+
 _BY_STATUS: dict[int, type[ApiError]] = {
     400: ApiInvalid,
     403: ApiForbidden,
@@ -210,7 +220,10 @@ _BY_STATUS: dict[int, type[ApiError]] = {
 
 
 def classify(
-    status: int, body: bytes | Mapping[str, Any] | None, *, retry_after: str | None = None
+    status: int,
+    body: bytes | bytearray | Mapping[str, Any] | None,
+    *,
+    retry_after: str | None = None,
 ) -> ApiError:
     """Map a status code and a (possibly absent) Status body to the error tree; ``retry_after``
     is the response's ``Retry-After`` header, if any."""
@@ -230,7 +243,7 @@ def classify(
     return error_type(code, reason, message, retry_after=_retry_after(retry_after, status_body))
 
 
-def _refusal(response: aiohttp.ClientResponse, payload: bytes) -> ApiError:
+def _refusal(response: aiohttp.ClientResponse, payload: bytes | bytearray) -> ApiError:
     """The error for a response that is not a success: its status, Status body and
     ``Retry-After``."""
     return classify(response.status, payload, retry_after=response.headers.get("Retry-After"))
@@ -340,15 +353,21 @@ class Api:
         return cast(aiohttp.ClientResponse, response)
 
     async def _json(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        return (await self._json_sized(method, path, **kwargs))[0]
+
+    async def _json_sized(
+        self, method: str, path: str, *, max_bytes: int | None = None, **kwargs: Any
+    ) -> tuple[dict[str, Any], int]:
+        """The decoded body and its size; with ``max_bytes``, ``PageTooLarge`` past that size."""
         response = await self._send(method, path, **kwargs)
         async with response:
             try:
-                payload = await response.read()
+                payload = await _read(response, max_bytes)
             except (TimeoutError, aiohttp.ClientError) as error:
                 raise ApiUnavailable(0, type(error).__name__, str(error)) from error
         if not 200 <= response.status < 300:
             raise _refusal(response, payload)
-        return _decode_object(payload) if payload else {}
+        return (_decode_object(payload) if payload else {}), len(payload)
 
     async def get(self, path: str) -> RawObject:
         return cast(RawObject, await self._json("GET", path))
@@ -359,8 +378,15 @@ class Api:
         At start-up every informer lists at once; at most ``LIST_PAGES_IN_FLIGHT`` pages are read
         and decoded at a time, so the peak (and what the allocator keeps after it) does not grow
         with the number of kinds and namespaces listed together."""
+        return (await self.list_page_sized(path, params=params))[0]
+
+    async def list_page_sized(
+        self, path: str, *, params: Sequence[tuple[str, str]], max_bytes: int | None = None
+    ) -> tuple[dict[str, Any], int]:
+        """``list_page``, and the body's size in bytes; with ``max_bytes``, a body larger than
+        that is dropped as it arrives (``PageTooLarge``) rather than read and decoded whole."""
         async with self._list_slots:
-            return await self._json("GET", path, params=params)
+            return await self._json_sized("GET", path, params=params, max_bytes=max_bytes)
 
     async def create(self, path: str, body: Mapping[str, Any]) -> RawObject:
         params = [("fieldManager", FIELD_MANAGER)]
@@ -429,6 +455,22 @@ class Api:
                         yield cast(RawWatchEvent, _decode_object(pending[start:end]))
                     start = end + 1
                 del pending[:start]
+
+
+async def _read(response: aiohttp.ClientResponse, max_bytes: int | None) -> bytes | bytearray:
+    """The whole body; with ``max_bytes``, read as it arrives and dropped once larger (the
+    connection is closed, not returned to the pool with a body half read)."""
+    if max_bytes is None:
+        return await response.read()
+    body = bytearray()
+    async for chunk in response.content.iter_any():
+        body += chunk
+        if len(body) > max_bytes:
+            size = len(body)
+            del body
+            response.close()
+            raise PageTooLarge(size, max_bytes)
+    return body
 
 
 def _decode_object(payload: bytes | bytearray) -> dict[str, Any]:

@@ -48,6 +48,7 @@ from reloader.kube import (
     ApiGone,
     ApiNotFound,
     ApiUnavailable,
+    PageTooLarge,
     classify,
     wait_before_retry,
 )
@@ -75,6 +76,15 @@ bounds what one list holds decoded at once, and so what the allocator keeps afte
 Deployments fell from 2,081 to 1,701 B per cached object (docs/performance.md). 100 a page did a
 little better on memory, but the start-up lists took five times as many requests and, on a busy
 server, five times as long."""
+PAGE_TARGET_BYTES = 4 * 2**20
+"""The body size a list page aims at. A page's ``limit`` counts objects, which may be 100 bytes or
+1 MiB each: after each page the next one asks for as many objects as fit this size (never more
+than the informer's page size), so memory during a list does not grow with the objects' size."""
+PAGE_MAX_BYTES = 16 * 2**20
+"""A page body larger than this is dropped as it arrives and asked for again with an eighth of the
+objects: the first page of a list of huge Secrets must not be read and decoded whole (250 objects
+of 1 MiB would be 250 MiB of JSON, then several times that decoded). One object is at most what
+etcd stores (1.5 MiB by default), so a page of one always fits."""
 FORBIDDEN = "forbidden to list or watch; check the RBAC of the controller's account"
 RETRYING = "watch failed; retrying"
 ABSENT_RECHECK_SECONDS = 30.0
@@ -392,7 +402,9 @@ class Informer(Generic[T]):
 
         Each page is reduced to snapshots as it arrives, so a relist of 10k Secrets never holds
         more than one page of raw objects; objects not seen in any page are removed only once the
-        last page has arrived (a list that fails half-way removes nothing).
+        last page has arrived (a list that fails half-way removes nothing). A page is bounded in
+        bytes as well as objects: the limit follows the objects' size (``PAGE_TARGET_BYTES``), and a
+        body past ``PAGE_MAX_BYTES`` is dropped unread and asked for again with fewer objects.
 
         The relist after 410 is also from "" rather than "not older than" the last version. Such a
         read is served from the watch cache, and only recent watch caches apply ``limit`` (1.37's
@@ -403,14 +415,22 @@ class Informer(Generic[T]):
         path = self.resource.collection_path(namespace)
         listed: Listed = {}
         version, continue_token = "", ""
+        limit = self._page_size()
         while True:
-            params = [*self._base_params(), ("limit", str(self._page_size()))]
+            params = [*self._base_params(), ("limit", str(limit))]
             if continue_token:
                 params.append(("continue", continue_token))
-            page = await self._api.list_page(path, params=params)
+            try:
+                page, size = await self._api.list_page_sized(
+                    path, params=params, max_bytes=PAGE_MAX_BYTES if limit > 1 else None
+                )
+            except PageTooLarge as error:
+                limit = self._fewer(namespace, limit, error)
+                continue
             metadata: dict[str, Any] = page.get("metadata") or {}
             items = page.pop("items", None) or []
             del page  # not kept alive across the next request
+            limit = self._next_limit(len(items), size)
             self._upsert_page(items, listed)
             del items
             version = metadata.get("resourceVersion") or ""
@@ -423,6 +443,28 @@ class Informer(Generic[T]):
         self._remove_unlisted(namespace, listed)
         self._mark_synced(namespace)
         return str(version)
+
+    def _fewer(self, namespace: str | None, limit: int, error: PageTooLarge) -> int:
+        """The limit to ask again with after a page too large to read: an eighth of it."""
+        fewer = max(1, limit // 8)
+        log.info(
+            "list page too large; asking for fewer objects",
+            extra={
+                "kind": self.resource.kind,
+                "namespace": namespace or "*",
+                "limit": limit,
+                "bytes": error.size,
+                "next_limit": fewer,
+            },
+        )
+        return fewer
+
+    def _next_limit(self, objects: int, size: int) -> int:
+        """As many objects as fit ``PAGE_TARGET_BYTES`` at this page's size per object, at least
+        one and at most the page size."""
+        if not objects or not size:
+            return self._page_size()
+        return max(1, min(self._page_size(), PAGE_TARGET_BYTES * objects // size))
 
     async def _watch(self, namespace: str | None, resource_version: str, backoff: Backoff) -> str:
         """WATCH from ``resource_version`` until the server ends it; returns the last version.

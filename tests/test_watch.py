@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
@@ -194,6 +195,55 @@ def local_plane(cluster: TestCluster) -> Any:
     if cluster.plane is None:
         pytest.skip("restarts the API server: local control plane only")
     return cluster.plane
+
+
+def list_limits(plane: Any, user: str) -> list[int]:
+    """The ``limit`` of each list request ``user`` sent, as the apiserver's audit log saw them."""
+    return [
+        int(parse_qs(urlsplit(event["requestURI"]).query)["limit"][0])
+        for event in plane.audit_events(user)
+        if event.get("verb") == "list"
+    ]
+
+
+async def test_a_page_too_large_is_asked_for_again_with_fewer_objects(
+    cluster: TestCluster, admin_api: Api, namespace: str, monkeypatch: Any
+) -> None:
+    """Six ConfigMaps of 200 KB, then ten small ones, listed with a 512 KiB page cap and a
+    300 KiB target. The first pages (all six big ones, 1.2 MB) are dropped and asked for again
+    with an eighth of the objects until one fits; one big object a page follows; after the first
+    small page the limit goes back up (300 KiB at its size per object). Nothing is missed, and
+    the requests are read from the apiserver's audit log."""
+    plane = local_plane(cluster)
+    monkeypatch.setattr(reloader.watch, "PAGE_MAX_BYTES", 512 * 1024)
+    monkeypatch.setattr(reloader.watch, "PAGE_TARGET_BYTES", 300 * 1024)
+    big, small = [f"big-{i}" for i in range(6)], [f"small-{i}" for i in range(10)]
+    for name in big:
+        await create(admin_api, namespace, name, {"v": name * 40_000})
+    for name in small:
+        await create(admin_api, namespace, name, {"v": name})
+    user = f"pages-{namespace}"
+    api = await connect_with_dict(plane.audited_kubeconfig(user))
+    watched: Informer[tuple[str, str]] = Informer(
+        api=api,
+        resource=CONFIGMAPS,
+        transform=name_and_data,
+        namespaces=[namespace],
+        label_selector="suite=watch",
+    )
+    task = await run_until_synced(watched)
+    try:
+        assert sorted(watched.in_namespace(namespace)) == sorted(big + small)
+        for name in big:
+            entry = watched.get(namespace, name)
+            assert entry is not None and len(entry[1]) > 200_000
+        limits = list_limits(plane, user)
+        assert limits[:4] == [500, 62, 7, 1], limits  # 1.2 MB, 1.2 MB, 1.2 MB, then one fits
+        assert limits[4:10] == [1] * 6, limits  # one big object a page, then the first small
+        assert len(limits) == 11 and limits[10] > 100, limits  # back up: the rest in one page
+    finally:
+        await stop(task)
+        await api.close()
 
 
 async def test_relist_after_410_synthesises_deletes_missed_while_down(
