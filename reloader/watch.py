@@ -226,6 +226,9 @@ class Informer(Generic[T]):
         self._optional = optional
         self._packing = packing
         self._page_limit = page_size
+        self._limit_hint: int | None = None
+        """The limit the last list page ended on: a relist of huge objects starts there rather than
+        dropping its first page again."""
         self._store: dict[str, Namespace] = {}
         """Namespace → name → snapshot, or its packed form in a ``PackedTable`` with ``packing``."""
         self._subscribers: list[Subscriber[T]] = []
@@ -415,7 +418,7 @@ class Informer(Generic[T]):
         path = self.resource.collection_path(namespace)
         listed: Listed = {}
         version, continue_token = "", ""
-        limit = self._page_size()
+        limit = min(self._limit_hint or self._page_size(), self._page_size())
         while True:
             params = [*self._base_params(), ("limit", str(limit))]
             if continue_token:
@@ -430,7 +433,7 @@ class Informer(Generic[T]):
             metadata: dict[str, Any] = page.get("metadata") or {}
             items = page.pop("items", None) or []
             del page  # not kept alive across the next request
-            limit = self._next_limit(len(items), size)
+            limit = self._limit_hint = self._next_limit(len(items), size)
             self._upsert_page(items, listed)
             del items
             version = metadata.get("resourceVersion") or ""

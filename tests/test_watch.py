@@ -57,16 +57,23 @@ async def create(api: Api, namespace: str, name: str, data: Mapping[str, str]) -
     await api.create(CONFIGMAPS.collection_path(namespace), body)
 
 
-@pytest.fixture
-async def informer(admin_api: Api, namespace: str) -> tuple[Informer[Any], Recorder]:
-    watched: Informer[tuple[str, str]] = Informer(
-        api=admin_api,
+def configmap_informer(
+    api: Api, namespace: str, *, stall_timeout: float
+) -> Informer[tuple[str, str]]:
+    """An informer of this suite's ConfigMaps in ``namespace``: (name, data) per object."""
+    return Informer(
+        api=api,
         resource=CONFIGMAPS,
         transform=name_and_data,
         namespaces=[namespace],
         label_selector="suite=watch",
-        stall_timeout=3,
+        stall_timeout=stall_timeout,
     )
+
+
+@pytest.fixture
+async def informer(admin_api: Api, namespace: str) -> tuple[Informer[Any], Recorder]:
+    watched = configmap_informer(admin_api, namespace, stall_timeout=3)
     recorder = Recorder()
     watched.subscribe(recorder)
     return watched, recorder
@@ -197,6 +204,14 @@ def local_plane(cluster: TestCluster) -> Any:
     return cluster.plane
 
 
+async def audited_informer(
+    plane: Any, user: str, namespace: str, *, stall_timeout: float = 70.0
+) -> tuple[Api, Informer[tuple[str, str]]]:
+    """An informer of this suite's ConfigMaps whose requests the audit log names ``user``."""
+    api = await connect_with_dict(plane.audited_kubeconfig(user))
+    return api, configmap_informer(api, namespace, stall_timeout=stall_timeout)
+
+
 def list_limits(plane: Any, user: str) -> list[int]:
     """The ``limit`` of each list request ``user`` sent, as the apiserver's audit log saw them."""
     return [
@@ -223,14 +238,7 @@ async def test_a_page_too_large_is_asked_for_again_with_fewer_objects(
     for name in small:
         await create(admin_api, namespace, name, {"v": name})
     user = f"pages-{namespace}"
-    api = await connect_with_dict(plane.audited_kubeconfig(user))
-    watched: Informer[tuple[str, str]] = Informer(
-        api=api,
-        resource=CONFIGMAPS,
-        transform=name_and_data,
-        namespaces=[namespace],
-        label_selector="suite=watch",
-    )
+    api, watched = await audited_informer(plane, user, namespace)
     task = await run_until_synced(watched)
     try:
         assert sorted(watched.in_namespace(namespace)) == sorted(big + small)
@@ -288,15 +296,7 @@ async def test_stall_watchdog_reconnects_a_silent_watch(
     afterwards. The new watch is read from the apiserver's audit log, not the informer's count."""
     plane = local_plane(cluster)
     user = f"stall-{namespace}"
-    api = await connect_with_dict(plane.audited_kubeconfig(user))
-    watched: Informer[tuple[str, str]] = Informer(
-        api=api,
-        resource=CONFIGMAPS,
-        transform=name_and_data,
-        namespaces=[namespace],
-        label_selector="suite=watch",
-        stall_timeout=3,
-    )
+    api, watched = await audited_informer(plane, user, namespace, stall_timeout=3)
     task = await run_until_synced(watched)
 
     def watches_opened() -> int:
