@@ -62,6 +62,7 @@ from reloader.snapshots import (
     WorkloadSnapshot,
     config_snapshot,
     pack_config,
+    refreshed_workload,
     unpacker,
     workload_snapshot,
 )
@@ -349,6 +350,7 @@ class Controller:
             stall_timeout=self.settings.stall_timeout_seconds,
             optional=kind.optional,
             page_size=WORKLOAD_PAGE_SIZE,
+            refresh=refreshed_workload,
         )
         informer.subscribe(self._on_workload)
         return informer

@@ -126,6 +126,8 @@ class WorkloadSnapshot:
     paused_at: float | None = None
     resource_version: str = field(compare=False, default="")
     uid: str = field(compare=False, default="")
+    fingerprint: bytes = field(compare=False, default=b"")
+    """``workload_fingerprint`` of the object this was made from (``refreshed_workload``)."""
 
     @property
     def references(self) -> tuple[ConfigRef, ...]:
@@ -352,4 +354,37 @@ def workload_snapshot(
         paused_at=_rfc3339(_annotations(obj).get(context.names.paused_at)),
         resource_version=metadata.get("resourceVersion", ""),
         uid=metadata.get("uid", ""),
+        fingerprint=workload_fingerprint(obj),
     )
+
+
+def workload_fingerprint(obj: RawObject) -> bytes:
+    """16 bytes that change whenever anything a snapshot is made of may have: the object's
+    ``generation`` (the server raises it on every change to ``spec``, the pod template included)
+    and its annotations. Empty when the object has no generation: then nothing is assumed."""
+    metadata = obj.get("metadata", {})
+    generation = metadata.get("generation")
+    if not isinstance(generation, int) or isinstance(generation, bool):
+        return b""
+    try:
+        source = orjson.dumps(
+            [generation, metadata.get("annotations") or {}], option=orjson.OPT_SORT_KEYS
+        )
+    except orjson.JSONEncodeError:  # a generation past 64 bits
+        return b""
+    return hashlib.blake2b(source, digest_size=16).digest()
+
+
+def refreshed_workload(old: WorkloadSnapshot, obj: RawObject) -> WorkloadSnapshot | None:
+    """``old`` with the object's resourceVersion, when the object changed in nothing a snapshot is
+    made of (same uid, generation and annotations: a status update, a label); else None, and the
+    object is read whole. Status updates are most of a workload's events (each pod that starts or
+    stops updates its Deployment's), and reading one whole (the pod template hashed, references
+    found, annotations parsed) was a quarter of the controller's CPU in a burst of restarts."""
+    metadata = obj.get("metadata", {})
+    if not old.fingerprint or metadata.get("uid", "") != old.uid:
+        return None
+    if workload_fingerprint(obj) != old.fingerprint:
+        return None
+    version = metadata.get("resourceVersion", "")
+    return old if version == old.resource_version else replace(old, resource_version=version)

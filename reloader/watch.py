@@ -214,6 +214,7 @@ class Informer(Generic[T]):
         optional: bool = False,
         packing: Packing[T] | None = None,
         page_size: int = PAGE_SIZE,
+        refresh: Callable[[T, RawObject], T | None] | None = None,
     ) -> None:
         self.resource = resource
         self._api = api
@@ -225,6 +226,9 @@ class Informer(Generic[T]):
         self._watch_timeout_range = watch_timeout_range
         self._optional = optional
         self._packing = packing
+        self._refresh = refresh
+        """(stored snapshot, raw object) → the snapshot brought up to date without a transform,
+        or None when the object must be transformed whole."""
         self._page_limit = page_size
         self._limit_hint: int | None = None
         """The limit the last list page ended on: a relist of huge objects starts there rather than
@@ -530,8 +534,12 @@ class Informer(Generic[T]):
             log.info("informer synced", extra={"kind": self.resource.kind, "objects": len(self)})
             self._synced.set()
 
-    def _snapshot(self, obj: RawObject) -> T | None:
+    def _snapshot(self, obj: RawObject, old: T | None) -> T | None:
         try:
+            if old is not None and self._refresh is not None:
+                refreshed = self._refresh(old, obj)
+                if refreshed is not None:
+                    return refreshed
             return self._transform(obj)
         except Exception:  # one malformed object must not stop the stream for all others
             metadata = obj.get("metadata", {})
@@ -550,17 +558,18 @@ class Informer(Generic[T]):
         namespace, name = metadata.get("namespace", ""), metadata.get("name", "")
         if self._namespace_filter is not None and not self._namespace_filter(namespace):
             return  # ignored namespaces cost no memory
-        new = self._snapshot(obj)
+        objects = self._store.get(namespace)
+        old = objects.get(name) if objects is not None else None
+        previous = self._read(namespace, name, old)
+        new = self._snapshot(obj, previous)
         if new is None:
             return
         stored: object = new if self._packing is None else self._packing.pack(new)
-        objects = self._store.get(namespace)
         if objects is None:
             objects = self._store[namespace] = self._new_namespace()
-        old = objects.get(name)
         objects[name] = stored
         if old != stored:
-            self._notify(self._read(namespace, name, old), new)
+            self._notify(previous, new)
 
     def _new_namespace(self) -> Namespace:
         return {} if self._packing is None else PackedTable()

@@ -17,6 +17,7 @@ from reloader.snapshots import (
     bind_record,
     config_snapshot,
     pack_config,
+    refreshed_workload,
     template_hash,
     unpacker,
     workload_snapshot,
@@ -221,3 +222,50 @@ def test_a_record_copied_onto_a_re_created_deployment_is_set_aside() -> None:
 
     assert copied.recorded is not None and copied.recorded.reset == "uid"
     assert copied != first, "a re-created object must be looked at again"
+
+
+def served(annotations: dict[str, str], *, generation: Any = 3, **metadata: Any) -> dict[str, Any]:
+    """A Deployment as the server sends it: uid, generation, resourceVersion, status."""
+    body = deployment(annotations)
+    body["metadata"].update({"uid": "u-1", "resourceVersion": "100", **metadata})
+    if generation is not None:
+        body["metadata"]["generation"] = generation
+    body["status"] = {"observedGeneration": 2, "replicas": 0}
+    return body
+
+
+def test_a_status_update_refreshes_the_snapshot_without_reading_it_again() -> None:
+    """Same uid, generation and annotations: the stored snapshot with the new resourceVersion
+    (the guarded patches need it). Labels and status are not read."""
+    auto = {"reloader.stakater.com/auto": "true"}
+    old = workload_snapshot(KINDS["Deployment"], served(auto), context=CONTEXT)  # type: ignore[arg-type]
+    update = served(auto, resourceVersion="101", labels={"x": "y"})
+    update["status"] = {"observedGeneration": 3, "replicas": 1}
+    refreshed = refreshed_workload(old, update)  # type: ignore[arg-type]
+    assert refreshed is not None and refreshed.resource_version == "101"
+    assert refreshed == old == workload_snapshot(KINDS["Deployment"], update, context=CONTEXT)  # type: ignore[arg-type]
+    assert refreshed_workload(old, served(auto)) is old  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "changed",
+    [
+        {"generation": 4},  # the spec changed: the pod template, paused, anything
+        {"annotations": {"reloader.stakater.com/auto": "false"}},
+        {"annotations": {"reloader.stakater.com/auto": "true", RECORD_ANNOTATION: "{}"}},
+        {"uid": "u-2"},  # deleted and created again under the same name
+        {"generation": None},  # no generation: nothing is assumed
+        {"generation": 2**70},  # past 64 bits: read whole
+    ],
+)
+def test_any_change_a_snapshot_is_made_of_reads_the_object_whole(changed: dict[str, Any]) -> None:
+    auto = {"reloader.stakater.com/auto": "true"}
+    old = workload_snapshot(KINDS["Deployment"], served(auto), context=CONTEXT)  # type: ignore[arg-type]
+    annotations = changed.pop("annotations", auto)
+    assert refreshed_workload(old, served(annotations, **changed)) is None  # type: ignore[arg-type]
+
+
+def test_a_snapshot_made_without_a_generation_is_never_refreshed() -> None:
+    old = workload_snapshot(KINDS["Deployment"], served({}, generation=None), context=CONTEXT)  # type: ignore[arg-type]
+    assert old.fingerprint == b""
+    assert refreshed_workload(old, served({}, generation=None)) is None  # type: ignore[arg-type]

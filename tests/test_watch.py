@@ -19,20 +19,26 @@ import reloader.watch
 from reloader.annotations import AnnotationNames
 from reloader.digests import DigestKey
 from reloader.kube import Api, connect_with_dict
-from reloader.model import CONFIGMAPS, RawObject
+from reloader.model import CONFIGMAPS, KINDS, RawObject
 from reloader.snapshots import (
     ConfigSnapshot,
     SnapshotContext,
+    WorkloadSnapshot,
     config_snapshot,
     pack_config,
+    refreshed_workload,
     unpacker,
+    workload_snapshot,
 )
 from reloader.watch import Informer, Packing
 from tests.conftest import TestCluster
-from tests.scenario import wait_for
+from tests.scenario import deployment, wait_for
 
 pytestmark = pytest.mark.cluster
 LABEL = {"suite": "watch"}
+CONTEXT = SnapshotContext(
+    digest_key=DigestKey.from_secret(b"k" * 32), names=AnnotationNames(), auto_reload_all=False
+)
 
 
 def name_and_data(obj: RawObject) -> tuple[str, str]:
@@ -150,9 +156,7 @@ async def test_a_packed_store_reads_and_notifies_whole_snapshots(
     """The config informers keep digests and flags only (``Packing``): readers and subscribers
     still get snapshots, the old one included, and an update that packs the same is not passed
     on."""
-    context = SnapshotContext(
-        digest_key=DigestKey.from_secret(b"k" * 32), names=AnnotationNames(), auto_reload_all=False
-    )
+    context = CONTEXT
     watched = Informer[ConfigSnapshot](
         api=admin_api,
         resource=CONFIGMAPS,
@@ -328,3 +332,58 @@ async def test_stall_watchdog_reconnects_a_silent_watch(
     finally:
         await stop(task)
         await api.close()
+
+
+async def test_status_updates_refresh_a_workload_without_reading_it_whole(
+    admin_api: Api, namespace: str
+) -> None:
+    """A Deployment created after the sync is read whole, and again when the Deployment controller
+    sets its revision annotation; the status updates that follow (in the informer's event count,
+    and in the resourceVersion it keeps, which must be the server's) only refresh the stored
+    snapshot: fewer reads than events. A change of the pod template is read whole again, and the
+    snapshot follows it."""
+    kind = KINDS["Deployment"]
+    context = CONTEXT
+    reads = 0
+
+    def transform(obj: RawObject) -> WorkloadSnapshot:
+        nonlocal reads
+        reads += 1
+        return workload_snapshot(kind, obj, context=context)
+
+    watched = Informer[WorkloadSnapshot](
+        api=admin_api,
+        resource=kind.resource,
+        transform=transform,
+        namespaces=[namespace],
+        refresh=refreshed_workload,
+    )
+    task = await run_until_synced(watched)
+    path = kind.resource.object_path(namespace, "web")
+    try:
+        await admin_api.create(kind.resource.collection_path(namespace), deployment("web"))
+
+        async def caught_up(generation: int) -> bool:
+            served = await admin_api.get(path)
+            status = served.get("status") or {}
+            cached = watched.get(namespace, "web")
+            return (
+                status.get("observedGeneration") == generation
+                and cached is not None
+                and cached.resource_version == served["metadata"]["resourceVersion"]
+            )
+
+        await wait_for(lambda: caught_up(1), message="the status update of generation 1 cached")
+        # Read whole: the creation, and the controller's revision annotation; not its statuses.
+        assert 1 <= reads < watched.statistics().events, (reads, watched.statistics())
+        before = reads
+        marker = {"spec": {"template": {"metadata": {"annotations": {"changed": "yes"}}}}}
+        await admin_api.patch(path, marker, patch_type="strategic")
+        await wait_for(lambda: caught_up(2), message="the status update of generation 2 cached")
+        assert before < reads < watched.statistics().events, (reads, watched.statistics())
+        snapshot = watched.get(namespace, "web")
+        assert snapshot is not None and snapshot == workload_snapshot(
+            kind, await admin_api.get(path), context=context
+        )
+    finally:
+        await stop(task)
