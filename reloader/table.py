@@ -42,6 +42,21 @@ _NARROW, _WIDE = "I", "Q"
 cluster can hold; the wide form keeps it correct anyway)."""
 
 
+def _empty_slots(count: int = _MIN_SLOTS, *, wide: bool = False) -> array[int]:
+    return array(_WIDE, bytes(8 * count)) if wide else array(_NARROW, bytes(4 * count))
+
+
+def _live_records(data: bytearray) -> Iterator[tuple[int, int]]:
+    """(offset, end) of each live record of ``data``, in buffer order."""
+    at = 0
+    while at < len(data):
+        _, name_end = part_at(data, at + 1)
+        end = part_at(data, name_end)[1]
+        if data[at] == _LIVE:
+            yield at, end
+        at = end
+
+
 def _slot_count(entries: int) -> int:
     """The smallest power of two that holds ``entries`` at most half full, so a rebuilt table
     takes as many insertions again before it needs the next rebuild."""
@@ -58,7 +73,7 @@ class PackedTable(MutableMapping[str, bytes]):
 
     def __init__(self, items: Iterable[tuple[str, bytes]] = ()) -> None:
         self._data = bytearray()
-        self._slots = array(_NARROW, bytes(4 * _MIN_SLOTS))
+        self._slots = _empty_slots()
         self._live = 0
         """Entries."""
         self._used = 0
@@ -70,11 +85,10 @@ class PackedTable(MutableMapping[str, bytes]):
     # --- reading ------------------------------------------------------------------------------
 
     def __getitem__(self, name: str) -> bytes:
-        slot = self._find(utf8(name))[0]
-        if slot < 0:
+        value = self.get(name)
+        if value is None:
             raise KeyError(name)
-        start, end = self._value_at(self._slots[slot] - _OFFSET_BASE)
-        return bytes(self._data[start:end])
+        return value
 
     def get(self, name: str, default: bytes | None = None) -> bytes | None:  # type: ignore[override]
         """As ``__getitem__``, without raising for a missing name (the informer asks this for
@@ -93,15 +107,12 @@ class PackedTable(MutableMapping[str, bytes]):
 
     def __iter__(self) -> Iterator[str]:
         data = self._data
-        size, at = len(data), 0
-        while at < size:
-            start, end = part_at(data, at + 1)
-            name = text_of(bytes(data[start:end])) if data[at] == _LIVE else None
-            at = part_at(data, end)[1]
-            if name is not None:
-                yield name
-                if self._data is not data or len(data) != size:
-                    raise RuntimeError("PackedTable changed size during iteration")
+        size = len(data)
+        for offset, _ in _live_records(data):
+            start, end = part_at(data, offset + 1)
+            yield text_of(bytes(data[start:end]))
+            if self._data is not data or len(data) != size:
+                raise RuntimeError("PackedTable changed size during iteration")
 
     # --- writing ------------------------------------------------------------------------------
 
@@ -129,12 +140,12 @@ class PackedTable(MutableMapping[str, bytes]):
         self._live -= 1
         if not self._live:
             self.clear()
-        elif 2 * self._dead_bytes > len(self._data):
-            self._rebuild()
+        else:
+            self._rebuild_if_mostly_dead()
 
     def clear(self) -> None:
         self._data = bytearray()
-        self._slots = array(_NARROW, bytes(4 * _MIN_SLOTS))
+        self._slots = _empty_slots()
         self._live = self._used = self._dead_bytes = 0
 
     def compact(self) -> None:
@@ -193,28 +204,20 @@ class PackedTable(MutableMapping[str, bytes]):
             return
         self._kill(offset)
         self._set_slot(slot, self._append(record))
+        self._rebuild_if_mostly_dead()
+
+    def _rebuild_if_mostly_dead(self) -> None:
         if 2 * self._dead_bytes > len(self._data):
             self._rebuild()
-
-    def _live_records(self) -> Iterator[tuple[int, int]]:
-        """(offset, end) of each live record, in buffer order."""
-        data, at = self._data, 0
-        while at < len(data):
-            end = self._value_at(at)[1]
-            if data[at] == _LIVE:
-                yield at, end
-            at = end
 
     def _rebuild(self) -> None:
         """Copy the live records into a new buffer and index them in a new table sized for them."""
         old = self._data
-        records = [(offset, end) for offset, end in self._live_records()]
+        records = list(_live_records(old))
         self._data = bytearray(b"".join(old[offset:end] for offset, end in records))
         wide = len(self._data) + _OFFSET_BASE > 0xFFFFFFFF
         count = _slot_count(len(records))
-        slots = self._slots = (
-            array(_WIDE, bytes(8 * count)) if wide else array(_NARROW, bytes(4 * count))
-        )
+        slots = self._slots = _empty_slots(count, wide=wide)
         self._dead_bytes = 0
         mask, at = count - 1, 0
         for offset, end in records:

@@ -560,7 +560,8 @@ class Informer(Generic[T]):
             return  # ignored namespaces cost no memory
         objects = self._store.get(namespace)
         old = objects.get(name) if objects is not None else None
-        previous = self._read(namespace, name, old)
+        # Unpacked before the transform only for a refresh; else only if it is to be notified.
+        previous = self._read(namespace, name, old) if self._refresh is not None else None
         new = self._snapshot(obj, previous)
         if new is None:
             return
@@ -569,6 +570,8 @@ class Informer(Generic[T]):
             objects = self._store[namespace] = self._new_namespace()
         objects[name] = stored
         if old != stored:
+            if previous is None:
+                previous = self._read(namespace, name, old)
             self._notify(previous, new)
 
     def _new_namespace(self) -> Namespace:
