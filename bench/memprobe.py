@@ -3,13 +3,12 @@
 The scale run measures RSS from outside, which mixes the cache with what the allocator keeps after
 decoding the initial lists. This probe builds the controller itself (``app.Controller``: its
 informers with their transforms, the reference index and the work queue they feed; no request is
-sent) and runs each informer's own page path (``Informer._list``'s ``_upsert_page``) in-process, on
-list pages encoded as the API server sends them (metadata with uid, resourceVersion, timestamps and
-``managedFields``), and reports:
+sent) and runs each informer's own page path (a ``pages.ListPage`` read into
+``Informer._upsert_page``) in-process, on list pages encoded as the API server sends them
+(metadata with uid, resourceVersion, timestamps and ``managedFields``), and reports:
 
 - the RSS delta after the sync, after ``Controller.settle_caches`` (what the controller does once
-  synced: the packed tables compacted, the lists' memory trimmed), and per
-  cached object;
+  synced: the packed tables compacted, the lists' memory trimmed), and per cached object;
 - with ``--trace``, the tracemalloc size of what stays alive and the top allocation sites.
 
 What it leaves out, and the scale run includes: the records on workloads (about 450 B per
@@ -37,7 +36,7 @@ from bench.scale import ScaleSizes, objects
 from reloader.app import Controller, release_freed_memory
 from reloader.digests import DigestKey
 from reloader.kube import Api
-from reloader.model import RawObject
+from reloader.pages import ListPage
 from reloader.settings import Settings
 from reloader.watch import CONFIG_PAGE_SIZE, WORKLOAD_PAGE_SIZE, Informer, Listed
 
@@ -129,8 +128,8 @@ async def _probe(argv: list[str] | None) -> None:
     peak = before
     listed: Listed = {}
     for kind, body in encoded:
-        page = orjson.loads(body)
-        informers[kind]._upsert_page(cast(list[RawObject], page["items"]), listed)
+        page = ListPage(body)
+        informers[kind]._upsert_page(page.objects(), listed)
         peak = max(peak, rss())
         del page
     listed.clear()  # the encoded pages stay alive: their memory was counted in ``before``

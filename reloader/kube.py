@@ -42,6 +42,7 @@ from aiohttp.helpers import get_env_proxy_for_url
 from yarl import URL
 
 from reloader.model import FIELD_MANAGER, RawObject, RawWatchEvent
+from reloader.pages import ListPage
 
 _DEFERRED_PACKAGES = (
     "kubernetes_asyncio",
@@ -353,12 +354,14 @@ class Api:
         return cast(aiohttp.ClientResponse, response)
 
     async def _json(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
-        return (await self._json_sized(method, path, **kwargs))[0]
+        payload = await self._body(method, path, **kwargs)
+        return _decode_object(payload) if payload else {}
 
-    async def _json_sized(
+    async def _body(
         self, method: str, path: str, *, max_bytes: int | None = None, **kwargs: Any
-    ) -> tuple[dict[str, Any], int]:
-        """The decoded body and its size; with ``max_bytes``, ``PageTooLarge`` past that size."""
+    ) -> bytes | bytearray:
+        """The body of a successful answer; with ``max_bytes``, ``PageTooLarge`` past that
+        size."""
         response = await self._send(method, path, **kwargs)
         async with response:
             try:
@@ -367,26 +370,31 @@ class Api:
                 raise ApiUnavailable(0, type(error).__name__, str(error)) from error
         if not 200 <= response.status < 300:
             raise _refusal(response, payload)
-        return (_decode_object(payload) if payload else {}), len(payload)
+        return payload
 
     async def get(self, path: str) -> RawObject:
         return cast(RawObject, await self._json("GET", path))
 
     async def list_page(self, path: str, *, params: Sequence[tuple[str, str]]) -> dict[str, Any]:
-        """One page of a LIST: ``items`` plus ``metadata.resourceVersion`` and ``continue``.
-
-        At start-up every informer lists at once; at most ``LIST_PAGES_IN_FLIGHT`` pages are read
-        and decoded at a time, so the peak (and what the allocator keeps after it) does not grow
-        with the number of kinds and namespaces listed together."""
-        return (await self.list_page_sized(path, params=params))[0]
-
-    async def list_page_sized(
-        self, path: str, *, params: Sequence[tuple[str, str]], max_bytes: int | None = None
-    ) -> tuple[dict[str, Any], int]:
-        """``list_page``, and the body's size in bytes; with ``max_bytes``, a body larger than
-        that is dropped as it arrives (``PageTooLarge``) rather than read and decoded whole."""
+        """One page of a LIST, decoded whole: ``items`` plus ``metadata.resourceVersion`` and
+        ``continue``. For the few callers that list a handful of objects; informers read theirs
+        one at a time (``list_objects``)."""
         async with self._list_slots:
-            return await self._json_sized("GET", path, params=params, max_bytes=max_bytes)
+            return await self._json("GET", path, params=params)
+
+    async def list_objects(
+        self, path: str, *, params: Sequence[tuple[str, str]], max_bytes: int | None = None
+    ) -> ListPage:
+        """One page of a LIST, its objects to be read one at a time (``pages.ListPage``); with
+        ``max_bytes``, a body larger than that is dropped as it arrives (``PageTooLarge``) rather
+        than read whole.
+
+        At start-up every informer lists at once; at most ``LIST_PAGES_IN_FLIGHT`` bodies are
+        read at a time, so the peak (and what the allocator keeps after it) does not grow with the
+        number of kinds and namespaces listed together. The caller reads the objects as soon as
+        this returns, before it awaits anything else."""
+        async with self._list_slots:
+            return ListPage(await self._body("GET", path, params=params, max_bytes=max_bytes))
 
     async def create(self, path: str, body: Mapping[str, Any]) -> RawObject:
         params = [("fieldManager", FIELD_MANAGER)]

@@ -37,7 +37,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar, cast
 
@@ -53,6 +53,7 @@ from reloader.kube import (
     wait_before_retry,
 )
 from reloader.model import RawObject, Resource
+from reloader.pages import BadListBody
 from reloader.table import PackedTable
 
 log = logging.getLogger("reloader.watch")
@@ -428,18 +429,19 @@ class Informer(Generic[T]):
             if continue_token:
                 params.append(("continue", continue_token))
             try:
-                page, size = await self._api.list_page_sized(
+                page = await self._api.list_objects(
                     path, params=params, max_bytes=PAGE_MAX_BYTES if limit > 1 else None
                 )
             except PageTooLarge as error:
                 limit = self._fewer(namespace, limit, error)
                 continue
-            metadata: dict[str, Any] = page.get("metadata") or {}
-            items = page.pop("items", None) or []
+            try:
+                self._upsert_page(page.objects(), listed)
+            except BadListBody as error:
+                raise ApiUnavailable(0, "BadBody", str(error)) from error
+            metadata = page.metadata
+            limit = self._limit_hint = self._next_limit(page.count, page.size)
             del page  # not kept alive across the next request
-            limit = self._limit_hint = self._next_limit(len(items), size)
-            self._upsert_page(items, listed)
-            del items
             version = metadata.get("resourceVersion") or ""
             if not version:  # without it there is nothing to watch from: retry the list
                 raise ApiUnavailable(0, "BadBody", "list response without a resourceVersion")
@@ -585,11 +587,17 @@ class Informer(Generic[T]):
         if old is not None:
             self._notify(old, None)
 
-    def _upsert_page(self, items: list[RawObject], listed: Listed) -> None:
+    def _upsert_page(self, items: Iterable[RawObject], listed: Listed) -> None:
+        """Each listed object into the store; none is kept alive while the next is decoded
+        (``pages.ListPage``), so the next reuses what it leaves behind."""
         for obj in items:
-            metadata = obj.get("metadata", {})
-            listed.setdefault(metadata.get("namespace", ""), set()).add(metadata.get("name", ""))
-            self._upsert(obj)
+            self._upsert_listed(obj, listed)
+            del obj
+
+    def _upsert_listed(self, obj: RawObject, listed: Listed) -> None:
+        metadata = obj.get("metadata", {})
+        listed.setdefault(metadata.get("namespace", ""), set()).add(metadata.get("name", ""))
+        self._upsert(obj)
 
     def _remove_unlisted(self, namespace: str | None, listed: Listed) -> None:
         """Synthesise deletes for objects that vanished while we were not watching."""

@@ -9,7 +9,8 @@ the local control plane; on other backends they are skipped.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+import sys
+from collections.abc import Iterator, Mapping
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -256,6 +257,25 @@ async def test_a_page_too_large_is_asked_for_again_with_fewer_objects(
     finally:
         await stop(task)
         await api.close()
+
+
+async def test_a_listed_object_is_let_go_before_the_next_is_read(admin_api: Api) -> None:
+    """The page path holds no listed object while the next one is decoded (``pages.ListPage``
+    decodes it when asked for it): what one object leaves behind is then reused by the next
+    rather than kept among the snapshots made meanwhile."""
+    watched = configmap_informer(admin_api, "default", stall_timeout=60)
+    holders: list[int] = []
+
+    def listed() -> Iterator[RawObject]:
+        first: list[RawObject] = [{"metadata": {"name": "a", "namespace": "default"}}]
+        held = first[0]
+        yield first.pop()
+        holders.append(sys.getrefcount(held))  # asked for the next one
+        yield {"metadata": {"name": "b", "namespace": "default"}}
+
+    watched._upsert_page(listed(), {})
+    assert holders == [2]  # ``held`` and the call's argument
+    assert sorted(watched.in_namespace("default")) == ["a", "b"]
 
 
 async def test_relist_after_410_synthesises_deletes_missed_while_down(

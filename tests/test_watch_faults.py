@@ -157,15 +157,15 @@ async def test_a_relist_after_410_that_fails_is_retried_and_paged(
     for name in "abc":
         await create(admin_api, namespace, name, {"v": "1"})
     lists: list[dict[str, str]] = []
-    list_page = api.list_page_sized
+    list_objects = api.list_objects
 
     async def recording_list_page(
         path: str, *, params: Sequence[tuple[str, str]], max_bytes: int | None = None
     ) -> Any:
         lists.append(dict(params))
-        return await list_page(path, params=params, max_bytes=max_bytes)
+        return await list_objects(path, params=params, max_bytes=max_bytes)
 
-    monkeypatch.setattr(api, "list_page_sized", recording_list_page)
+    monkeypatch.setattr(api, "list_objects", recording_list_page)
     watched = reader_informer(api, namespace)
     recorder = Recorder()
     watched.subscribe(recorder)
