@@ -53,7 +53,7 @@ from reloader.model import (
     WorkloadKind,
 )
 from reloader.notify import AlertConfig, Notifier, sink_of
-from reloader.queue import TokenBucket, WorkQueue
+from reloader.queue import TokenBucket, WorkQueue, shrink_to_fit
 from reloader.restart import Restarter, RestartPolicy, run_worker, syncs_per_worker
 from reloader.settings import Settings, load_settings_or_exit
 from reloader.snapshots import (
@@ -428,6 +428,8 @@ class Controller:
         for informer in self.configs.values():
             informer.compact()
         self.index.compact()
+        self.queue.compact()
+        shrink_to_fit(self._changed_since)
         release_freed_memory()
         keep_out_of_collections()
 

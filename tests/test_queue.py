@@ -7,6 +7,7 @@ never measured. The few tests that let the real timer fire wait with a generous 
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -455,6 +456,41 @@ async def test_statistics_count_each_state(make_queue: MakeQueue) -> None:
         depth=2, waiting=2, processing=1, adds=3, retries=1
     )
     assert len(queue) == 2
+
+
+async def test_compact_after_a_burst_keeps_every_state_and_gives_the_tables_back(
+    make_queue: MakeQueue,
+) -> None:
+    """The first pass queues every opted-in workload at once; once it is through, the queue's
+    tables are sized for what it holds, and every key keeps its state (queued, processing,
+    waiting, its failures)."""
+    clock = FakeClock()
+    queue = make_queue(clock=clock)
+    for n in range(2000):
+        queue.add(f"burst-{n}")
+    for _ in range(2000):
+        queue.done(await get(queue))
+    queue.add("a")
+    queue.add("b")
+    held = await get(queue)
+    queue.add("c", delay=10)
+    queue.retry(held)
+    queue.add("d")
+    before = sys.getsizeof(queue._dirty) + sys.getsizeof(queue._waiting)
+    queue.compact()
+    after = sys.getsizeof(queue._dirty) + sys.getsizeof(queue._waiting)
+    assert after < before / 20, (before, after)
+    assert queue.statistics() == QueueStatistics(
+        depth=2, waiting=2, processing=1, adds=2003, retries=1
+    )
+    assert queue.ready_at("c") == clock.now + 10
+    assert queue.num_requeues(held) == 1
+    assert [await get(queue), await get(queue)] == ["b", "d"]
+    queue.add("b")
+    queue.add(held)
+    assert len(queue) == 0  # still one worker per key: b and a are being processed
+    queue.done(held)
+    assert [await get(queue)] == [held]  # re-added while processing: once more afterwards
 
 
 # --- token bucket --------------------------------------------------------------------------------
