@@ -26,7 +26,7 @@ node-images: control-plane
 lint: $(STAMP)
 	$(BIN)/ruff check reloader tests bench
 	$(BIN)/ruff format --check reloader tests bench
-	$(BIN)/mypy --strict reloader bench
+	$(BIN)/mypy --strict reloader bench tests
 
 test: $(STAMP) control-plane node-images lint
 	$(BIN)/pytest -p no:cacheprovider -ra

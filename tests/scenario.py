@@ -118,7 +118,7 @@ def refusal_policy(
     return policy, binding
 
 
-def container(name: str = "app", **extra: Any) -> dict[str, Any]:
+def container(name: str = "app", /, **extra: Any) -> dict[str, Any]:
     return {"name": name, "image": "registry.invalid/app:1", **extra}
 
 

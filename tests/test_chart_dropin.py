@@ -249,7 +249,7 @@ async def service_account_kubeconfig(
     answer = await admin_api.create(
         f"/api/v1/namespaces/{home}/serviceaccounts/{FULLNAME}/token", body
     )
-    token = dict(answer)["status"]["token"]
+    token = answer["status"]["token"]
     text = yaml.safe_dump(with_token(cluster.kubeconfig, token))
     await asyncio.to_thread(path.write_text, text)
     return path
@@ -318,7 +318,8 @@ async def wait_readyz(port: int, process: subprocess.Popen[bytes], *, says: str)
 
 async def meta_info(admin_api: Api, home: str) -> dict[str, Any]:
     async def written() -> dict[str, Any] | None:
-        obj = dict(await admin_api.get(CONFIGMAPS.object_path(home, "reloader-meta-info")))
+        path = CONFIGMAPS.object_path(home, "reloader-meta-info")
+        obj: dict[str, Any] = dict(await admin_api.get(path))
         return obj if obj["data"].get("buildInfo", "").startswith("{") else None
 
     return await wait_for(written, message="reloader-meta-info written")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -179,7 +179,7 @@ def test_a_status_without_objects_reports_nothing() -> None:
 def _web(**context: Any) -> Any:
     body = deployment("web", annotations=SPC_AUTO, containers=MOUNTS, volumes=[csi_volume()])
     ctx = SnapshotContext(digest_key=KEY, names=DEFAULT_NAMES, auto_reload_all=False, **context)
-    return workload_snapshot(KINDS["Deployment"], body, context=ctx)
+    return workload_snapshot(KINDS["Deployment"], cast(RawObject, body), context=ctx)
 
 
 def _view(status: PodStatus) -> ConfigSnapshot:

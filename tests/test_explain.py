@@ -445,9 +445,7 @@ async def test_read_access_is_enough(cluster: TestCluster, scene: Cluster) -> No
     }
     await scene.api.create(f"{rbac}/rolebindings", binding)
     request = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": {}}
-    answer = dict(
-        await scene.api.create(f"/api/v1/namespaces/{ns}/serviceaccounts/ro/token", request)
-    )
+    answer = await scene.api.create(f"/api/v1/namespaces/{ns}/serviceaccounts/ro/token", request)
     api = await connect_with_dict(with_token(cluster.kubeconfig, answer["status"]["token"]))
     scene.apis.append(api)
     target = Target(KINDS["Deployment"], ns, "web")

@@ -285,7 +285,7 @@ async def servicemonitor_crd(admin_api: Api) -> AsyncIterator[None]:
 
     async def established() -> bool:
         # Right after the create the server may answer with ``conditions: null``.
-        status = dict(await admin_api.get(path)).get("status") or {}
+        status = (await admin_api.get(path)).get("status") or {}
         conditions = status.get("conditions") or []
         return any(c["type"] == "Established" and c["status"] == "True" for c in conditions)
 

@@ -224,7 +224,9 @@ async def test_argo_rollouts_absent_crd_then_installed(
         assert '"name":"cfg"' in await scene.wait_marker("Rollout", "canary")
 
         async def restart_at() -> str | None:
-            return (await scene.get_workload("Rollout", "bounce"))["spec"].get("restartAt")
+            rollout = await scene.get_workload("Rollout", "bounce")
+            at: str | None = rollout["spec"].get("restartAt")
+            return at
 
         assert await wait_for(restart_at, message="spec.restartAt on the restart-strategy Rollout")
         assert await scene.marker("Rollout", "bounce") is None

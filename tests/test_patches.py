@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import pytest
@@ -10,7 +10,7 @@ import pytest
 from reloader.annotations import Policy
 from reloader.decide import Decision, Dependency
 from reloader.digests import Recorded, encode_record
-from reloader.model import LAST_RELOADED_FROM, RECORD_ANNOTATION, WorkloadKey
+from reloader.model import LAST_RELOADED_FROM, RECORD_ANNOTATION, RawObject, WorkloadKey
 from reloader.patches import (
     INSTANTIATE_ANNOTATION,
     JOB_NAME_MAX,
@@ -140,7 +140,7 @@ CRONJOB: dict[str, Any] = {
 
 def test_job_from_cronjob_is_what_kubectl_create_job_from_makes() -> None:
     change = template_change(snapshot("CronJob"), RESTART, DEPS, strategy="annotations", now=NOW)
-    job = job_from_cronjob(CRONJOB, change, record=RESTART)
+    job = job_from_cronjob(cast(RawObject, CRONJOB), change, record=RESTART)
 
     assert job["metadata"]["labels"] == {"team": "a"}
     assert job["metadata"]["annotations"] == {"note": "x", INSTANTIATE_ANNOTATION: "manual"}
@@ -157,9 +157,10 @@ def test_job_from_cronjob_is_what_kubectl_create_job_from_makes() -> None:
 
 def test_job_name_is_the_same_for_the_same_decision_and_fits() -> None:
     change = template_change(snapshot("CronJob"), RESTART, DEPS, strategy="annotations", now=NOW)
-    first = job_from_cronjob(CRONJOB, change, record=RESTART)["metadata"]["name"]
-    again = job_from_cronjob(CRONJOB, change, record=RESTART)["metadata"]["name"]
-    long_name = {**CRONJOB, "metadata": {**CRONJOB["metadata"], "name": "n" * 52}}
+    cronjob = cast(RawObject, CRONJOB)
+    first = job_from_cronjob(cronjob, change, record=RESTART)["metadata"]["name"]
+    again = job_from_cronjob(cronjob, change, record=RESTART)["metadata"]["name"]
+    long_name = cast(RawObject, {**CRONJOB, "metadata": {**CRONJOB["metadata"], "name": "n" * 52}})
     long_job = job_from_cronjob(long_name, change, record=RESTART)["metadata"]["name"]
 
     assert first == again
@@ -182,7 +183,9 @@ def _restart_to(digest: str, *, at: int) -> Decision:
 
 def _job_name(cronjob: dict[str, Any], decision: Decision) -> str:
     change = template_change(snapshot("CronJob"), decision, DEPS, strategy="annotations", now=NOW)
-    return str(job_from_cronjob(cronjob, change, record=decision)["metadata"]["name"])
+    return str(
+        job_from_cronjob(cast(RawObject, cronjob), change, record=decision)["metadata"]["name"]
+    )
 
 
 def test_job_names_differ_when_a_config_comes_back_and_repeat_for_a_retry() -> None:
@@ -242,7 +245,7 @@ def test_recreated_job_drops_what_the_job_controller_generated() -> None:
         "status": {"succeeded": 1},
     }
     change = template_change(snapshot("Job"), RESTART, DEPS, strategy="annotations", now=NOW)
-    body = recreated_job(job, change, record=RESTART)
+    body = recreated_job(cast(RawObject, job), change, record=RESTART)
 
     assert body["metadata"]["labels"] == {"app": "m"}
     assert set(body["metadata"]) == {"name", "namespace", "labels", "annotations"}

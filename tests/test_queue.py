@@ -574,7 +574,8 @@ def test_turns_give_each_waiting_key_its_own_time_once() -> None:
 def test_a_flood_of_deferred_keys_is_looked_at_about_twice_each() -> None:
     """Every key comes back exactly when its reserved turn is due and takes it: n keys cost under
     2n asks, where polling an empty bucket costs about n²/2."""
-    turns, clock = make_turns(rate=10.0, burst=1)
+    clock = FakeClock()
+    turns: Turns[int] = Turns(TokenBucket(rate=10.0, burst=1, clock=clock), clock=clock)
     taken: list[int] = []
     due: dict[int, float] = {}
     for key in range(500):

@@ -26,13 +26,16 @@ async def test_pod_template_patch_creates_a_second_replica_set(
     )
     async with client.ApiClient(configuration=configuration) as api_client:
         apps = client.AppsV1Api(api_client)
+        # The stubs want a V1Deployment; the client serializes a plain dict body just the same.
         await apps.create_namespaced_deployment(
-            scene.namespace, deployment("smoke", containers=[container()])
+            scene.namespace,
+            deployment("smoke", containers=[container()]),  # type: ignore[arg-type]
         )
         await scene.wait_replica_sets("smoke", 1)
 
         patch = {"spec": {"template": {"metadata": {"annotations": {"smoke": "1"}}}}}
-        await apps.patch_namespaced_deployment(
+        # The stubs leave out ``_content_type``, which the client accepts and sends as Content-Type.
+        await apps.patch_namespaced_deployment(  # type: ignore[call-arg]
             "smoke", scene.namespace, patch, _content_type="application/strategic-merge-patch+json"
         )
 

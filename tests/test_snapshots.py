@@ -5,13 +5,13 @@ from __future__ import annotations
 import base64
 import pickle
 from dataclasses import replace
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
 from reloader.annotations import AnnotationNames
 from reloader.digests import DigestKey, Recorded, digest_items, encode_record
-from reloader.model import KINDS, RECORD_ANNOTATION, ConfigRef
+from reloader.model import KINDS, RECORD_ANNOTATION, ConfigRef, RawObject
 from reloader.snapshots import (
     SnapshotContext,
     bind_record,
@@ -100,9 +100,8 @@ def test_workload_snapshot_of_an_opted_in_deployment() -> None:
         "reloader.stakater.com/auto": "true",
         "deployment.reloader.stakater.com/paused-at": "2026-01-02T03:04:05Z",
     }
-    snap = workload_snapshot(
-        KINDS["Deployment"], deployment(annotations, paused=True), context=CONTEXT
-    )  # type: ignore[arg-type]
+    body = cast(RawObject, deployment(annotations, paused=True))
+    snap = workload_snapshot(KINDS["Deployment"], body, context=CONTEXT)
 
     assert snap.policy.opted_in
     assert snap.references == (ConfigRef("ConfigMap", "cfg", None, ("app",)),)
@@ -124,7 +123,7 @@ def test_cronjob_template_is_found_under_the_job_template() -> None:
     assert {ref.name for ref in snap.references} == {"cfg"}
 
 
-def template(env: list[dict[str, Any]] | None = None, **annotations: str) -> dict[str, Any]:
+def template(env: list[dict[str, Any]] | None = None, /, **annotations: str) -> dict[str, Any]:
     app: dict[str, Any] = {"name": "app", "envFrom": [{"configMapRef": {"name": "cfg"}}]}
     if env is not None:
         app["env"] = env

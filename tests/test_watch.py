@@ -20,7 +20,7 @@ import reloader.watch
 from reloader.annotations import AnnotationNames
 from reloader.digests import DigestKey
 from reloader.kube import Api, connect_with_dict
-from reloader.model import CONFIGMAPS, KINDS, RawObject
+from reloader.model import CONFIGMAPS, KINDS, RawMetadata, RawObject
 from reloader.snapshots import (
     ConfigSnapshot,
     SnapshotContext,
@@ -187,7 +187,7 @@ async def test_a_packed_store_reads_and_notifies_whole_snapshots(
         await wait_for(deleted, message="delete seen")
 
         def matched(value: str) -> ConfigSnapshot:
-            metadata = {"name": "cm", "namespace": namespace, "annotations": match}
+            metadata: RawMetadata = {"name": "cm", "namespace": namespace, "annotations": match}
             return config_snapshot(
                 "ConfigMap", {"metadata": metadata, "data": {"v": value}}, context=context
             )

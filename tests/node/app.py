@@ -7,14 +7,14 @@ The volume is re-read every second to show the other half (kubelet updates files
 """
 
 import os
-import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 VOLUME = Path(os.environ.get("APP_CONFIG_DIR", "/config"))
 
 
-def main() -> None:
+def main() -> NoReturn:
     print(f"started token={os.environ.get('TOKEN', '')}", flush=True)
     while True:
         for path in sorted(VOLUME.glob("[!.]*")):
@@ -23,4 +23,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
