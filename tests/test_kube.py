@@ -4,18 +4,22 @@ goes through the proxy the environment names (resolved once, not per request).""
 from __future__ import annotations
 
 import asyncio
+import gc
+from asyncio import sslproto
 
 import pytest
 from kubernetes_asyncio.client.configuration import Configuration
 
 from reloader.kube import (
     MAX_RETRY_AFTER,
+    TLS_READ_BUFFER,
     Api,
     ApiUnavailable,
     _decode_object,
     classify,
     wait_before_retry,
 )
+from reloader.model import CONFIGMAPS, RawWatchEvent
 from tests.controlplane.envtest import free_port
 
 
@@ -138,3 +142,51 @@ def test_retry_after_is_read_from_the_header_or_the_status(
     error = classify(int(str(body["code"])), body, retry_after=header)
     assert error.retry_after == expected
     assert wait_before_retry(error, 0.5) == max(0.5, expected or 0.0)
+
+
+# --- TLS connections: small read buffers, whole objects ------------------------------------------
+
+
+def _tls_read_buffers() -> list[int]:
+    """The read buffer of every TLS connection alive in this process (asyncio keeps it in
+    ``SSLProtocol._ssl_buffer``: private, read here only to see what a connection holds)."""
+    return [
+        len(found._ssl_buffer)
+        for found in gc.get_objects()
+        if isinstance(found, sslproto.SSLProtocol) and hasattr(found, "_ssl_buffer")
+    ]
+
+
+@pytest.mark.cluster
+async def test_a_tls_connection_holds_a_small_read_buffer_and_large_objects_arrive_whole(
+    admin_api: Api, namespace: str
+) -> None:
+    """Every watch holds a TLS connection of its own, each with asyncio's read buffer: 256 KiB by
+    default, ``TLS_READ_BUFFER`` here. An object eight times that size still arrives whole, by
+    list and by watch."""
+    path = CONFIGMAPS.collection_path(namespace)
+    first, second = "a" * 8 * TLS_READ_BUFFER, "b" * 8 * TLS_READ_BUFFER
+    await admin_api.create(path, {"metadata": {"name": "big"}, "data": {"v": first}})
+    page = await admin_api.list_objects(path, params=[("limit", "10")])
+    assert [obj["data"]["v"] == first for obj in page.objects()] == [True]
+    version = str(page.metadata["resourceVersion"])
+
+    async def next_event() -> RawWatchEvent:
+        async for event in admin_api.watch(
+            path, params=[("resourceVersion", version)], read_timeout=30
+        ):
+            return event
+        raise AssertionError("the watch ended without an event")
+
+    changed = asyncio.create_task(next_event())
+    await asyncio.sleep(0.5)  # the watch's connection is open
+    await admin_api.patch(
+        CONFIGMAPS.object_path(namespace, "big"), {"data": {"v": second}}, patch_type="merge"
+    )
+    buffers = _tls_read_buffers()  # the watch's connection among them
+    event = await asyncio.wait_for(changed, timeout=30)
+
+    assert event["type"] == "MODIFIED"
+    assert event["object"]["data"]["v"] == second
+    assert buffers, "no TLS connection seen"
+    assert max(buffers) <= TLS_READ_BUFFER, buffers
