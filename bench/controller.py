@@ -107,16 +107,35 @@ def render(command: str, values: Mapping[str, str]) -> str:
 
 @dataclass(frozen=True)
 class Sample:
-    """Seconds since the run's origin, RSS bytes and CPU seconds of the process tree."""
+    """Seconds since the run's origin, RSS bytes, CPU seconds and run-queue seconds
+    (``run_queue_seconds``) of the process tree."""
 
     at: float
     rss: int
     cpu: float
+    waited: float = 0.0
 
 
-def tree_usage(process: psutil.Process) -> tuple[int, float]:
-    """RSS and CPU seconds of a process and all its descendants; vanished ones count as zero."""
-    rss, cpu = 0, 0.0
+def run_queue_seconds(pid: int) -> float:
+    """Seconds the threads of ``pid`` alive now have spent ready to run but waiting for a CPU
+    (the second field of Linux's ``/proc/<pid>/task/<tid>/schedstat``, in nanoseconds); 0 where
+    there is no such file. On two cores shared with the control plane this is where a
+    controller's latency tail goes: its event loop runnable, no core free."""
+    total = 0
+    with contextlib.suppress(OSError):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with (
+                contextlib.suppress(OSError, ValueError, IndexError),
+                open(f"/proc/{pid}/task/{tid}/schedstat") as stats,
+            ):
+                total += int(stats.read().split()[1])
+    return total / 1e9
+
+
+def tree_usage(process: psutil.Process) -> tuple[int, float, float]:
+    """RSS, CPU seconds and run-queue seconds of a process and all its descendants; vanished ones
+    count as zero."""
+    rss, cpu, waited = 0, 0.0, 0.0
     with contextlib.suppress(psutil.Error):
         members = [process, *process.children(recursive=True)]
         for member in members:
@@ -125,7 +144,8 @@ def tree_usage(process: psutil.Process) -> tuple[int, float]:
                 times = member.cpu_times()
                 rss += info.rss
                 cpu += times.user + times.system
-    return rss, cpu
+                waited += run_queue_seconds(member.pid)
+    return rss, cpu, waited
 
 
 class Sampler(threading.Thread):
@@ -139,9 +159,9 @@ class Sampler(threading.Thread):
         self.samples: list[Sample] = []
 
     def sample(self) -> None:
-        rss, cpu = tree_usage(self._process)
+        rss, cpu, waited = tree_usage(self._process)
         if rss:
-            self.samples.append(Sample(time.monotonic() - self._origin, rss, cpu))
+            self.samples.append(Sample(time.monotonic() - self._origin, rss, cpu, waited))
 
     def run(self) -> None:
         self.sample()

@@ -91,6 +91,9 @@ class RunResult:
     log: str
     round: int = 1
     """Which run of this scenario for this contender (``--rounds``); 1 for a single run."""
+    cpu_wait_seconds: float = 0.0
+    """Seconds the controller's threads were ready to run with no CPU free (``controller.
+    run_queue_seconds``, at the last sample; threads that ended before it are not counted)."""
 
     @property
     def exact(self) -> bool:
@@ -378,6 +381,7 @@ def _collect(
         peak_rss=max((s.rss for s in samples), default=0),
         steady_rss=samples[-1].rss if samples else 0,
         cpu_seconds=sum(p.samples[-1].cpu for p in lifecycle.processes if p.samples),
+        cpu_wait_seconds=sum(p.samples[-1].waited for p in lifecycle.processes if p.samples),
         ready_seconds=lifecycle.processes[0].ready_seconds or 0.0,
         wall_seconds=wall,
         rss_series=[(round(s.at - first, 2), s.rss) for s in samples],

@@ -97,6 +97,7 @@ SCENARIO_HEADER = (
     "peak MiB",
     "steady MiB",
     "CPU s",
+    "CPU wait s",
     "ready s",
 )
 
@@ -120,6 +121,7 @@ def scenario_rows(results: Sequence[RunResult], ours: str, vs: str | None) -> li
                 _mib(result.peak_rss),
                 _mib(result.steady_rss),
                 f"{result.cpu_seconds:.1f}",
+                f"{result.cpu_wait_seconds:.1f}",
                 f"{result.ready_seconds:.1f}",
             ]
         )
@@ -144,6 +146,7 @@ def _ratio_row(ours: RunResult, theirs: RunResult, vs: str) -> list[str]:
         _ratio(theirs.peak_rss, ours.peak_rss),
         _ratio(theirs.steady_rss, ours.steady_rss),
         _ratio(theirs.cpu_seconds, ours.cpu_seconds),
+        "",
         "",
     ]
 

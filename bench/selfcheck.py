@@ -7,14 +7,25 @@ there would make every reported number wrong while looking fine.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 from bench import cluster, floor, report, scale
 from bench.apicost import by_verb, failures, parse_event, writes
-from bench.controller import OURS, Contender, Launch, RunningController, render
+from bench.controller import (
+    OURS,
+    Contender,
+    Launch,
+    RunningController,
+    render,
+    run_queue_seconds,
+)
 from bench.harness import RunResult
 from bench.observe import WriteLog, cronjob_owner, latencies, percentile, template_signature
 from bench.scenarios import QUICK_SIZES, SIZES, scenarios
@@ -173,6 +184,28 @@ def check_scenario_table() -> None:
     assert {"S1", "S4", "S6"} <= set(quick)
 
 
+def check_run_queue_wait_grows_when_threads_outnumber_cores() -> None:
+    """More spinning threads than cores: some of them wait for a CPU, and the count says so."""
+    if not Path(f"/proc/{os.getpid()}/task").is_dir():
+        return  # not Linux: the bench reports 0
+    stop = time.monotonic() + 0.5
+    block = bytes(1 << 20)
+
+    def spin() -> None:  # hashing a large buffer lets go of the GIL: the threads run at once
+        while time.monotonic() < stop:
+            hashlib.sha256(block).digest()
+
+    before = run_queue_seconds(os.getpid())
+    threads = [threading.Thread(target=spin) for _ in range((os.cpu_count() or 1) + 2)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.4)  # counted while the spinners are alive: an ended thread takes its count
+    during = run_queue_seconds(os.getpid())
+    for thread in threads:
+        thread.join()
+    assert during > before, (before, during)
+
+
 CHECKS: list[Callable[[], None]] = [
     check_percentile_is_nearest_rank,
     check_latency_uses_latest_timed_write_before_rollout,
@@ -183,6 +216,7 @@ CHECKS: list[Callable[[], None]] = [
     check_scale_objects_keep_configs_beside_their_deployment,
     check_scenario_table,
     check_floor_target_pools_the_rounds,
+    check_run_queue_wait_grows_when_threads_outnumber_cores,
 ]
 
 
