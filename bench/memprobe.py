@@ -38,7 +38,7 @@ from reloader.digests import DigestKey
 from reloader.kube import Api
 from reloader.pages import ListPage
 from reloader.settings import Settings
-from reloader.watch import CONFIG_PAGE_SIZE, WORKLOAD_PAGE_SIZE, Informer, Listed
+from reloader.watch import CONFIG_PAGE_SIZE, WORKLOAD_PAGE_SIZE, Informer, Unseen
 
 _KIND_BY_PLURAL = {"configmaps": "ConfigMap", "secrets": "Secret", "deployments": "Deployment"}
 
@@ -126,13 +126,12 @@ async def _probe(argv: list[str] | None) -> None:
     before = rss()
     traced_before = tracemalloc.get_traced_memory()[0] if args.trace else 0
     peak = before
-    listed: Listed = {}
+    unseen: Unseen = {}  # a first list: nothing stored before it
     for kind, body in encoded:
         page = ListPage(body)
-        informers[kind]._upsert_page(page.objects(), listed)
+        informers[kind]._upsert_page(page.objects(), unseen)
         peak = max(peak, rss())
         del page
-    listed.clear()  # the encoded pages stay alive: their memory was counted in ``before``
     gc.collect()
     synced = rss()
     controller.settle_caches()

@@ -95,8 +95,9 @@ MIN_WATCH_SECONDS = 1.0
 next one waits for the backoff. A healthy server ends a watch after its 300-600 s timeout."""
 
 
-Listed = dict[str, set[str]]
-"""Namespace → names seen by one list (the names decoded from its pages, dropped when it ends)."""
+Unseen = dict[str, set[str]]
+"""Namespace → names stored when a list began and not yet found in its pages: what the list will
+delete when it ends. Empty on the first list, so that one keeps no name of what it reads."""
 Namespace = MutableMapping[str, Any]
 """One namespace of a store: name → snapshot, or name → packed bytes in a ``PackedTable``."""
 
@@ -421,7 +422,7 @@ class Informer(Generic[T]):
         by a recent watch cache), at the cost of a quorum read on old servers after a rare 410.
         """
         path = self.resource.collection_path(namespace)
-        listed: Listed = {}
+        unseen = self._stored_names(namespace)
         version, continue_token = "", ""
         limit = min(self._limit_hint or self._page_size(), self._page_size())
         while True:
@@ -436,7 +437,7 @@ class Informer(Generic[T]):
                 limit = self._fewer(namespace, limit, error)
                 continue
             try:
-                self._upsert_page(page.objects(), listed)
+                self._upsert_page(page.objects(), unseen)
             except BadListBody as error:
                 raise ApiUnavailable(0, "BadBody", str(error)) from error
             metadata = page.metadata
@@ -449,7 +450,7 @@ class Informer(Generic[T]):
             if not continue_token:
                 break
         self._contact()
-        self._remove_unlisted(namespace, listed)
+        self._remove_unseen(unseen)
         self._mark_synced(namespace)
         return str(version)
 
@@ -587,25 +588,31 @@ class Informer(Generic[T]):
         if old is not None:
             self._notify(old, None)
 
-    def _upsert_page(self, items: Iterable[RawObject], listed: Listed) -> None:
+    def _stored_names(self, namespace: str | None) -> Unseen:
+        """The names in the scope of a list about to begin (``Unseen``)."""
+        scope = [namespace] if namespace is not None else list(self._store)
+        return {ns: set(self._store[ns]) for ns in scope if self._store.get(ns)}
+
+    def _upsert_page(self, items: Iterable[RawObject], unseen: Unseen) -> None:
         """Each listed object into the store; none is kept alive while the next is decoded
         (``pages.ListPage``), so the next reuses what it leaves behind."""
         for obj in items:
-            self._upsert_listed(obj, listed)
+            self._upsert_listed(obj, unseen)
             del obj
 
-    def _upsert_listed(self, obj: RawObject, listed: Listed) -> None:
-        metadata = obj.get("metadata", {})
-        listed.setdefault(metadata.get("namespace", ""), set()).add(metadata.get("name", ""))
+    def _upsert_listed(self, obj: RawObject, unseen: Unseen) -> None:
+        if unseen:
+            metadata = obj.get("metadata", {})
+            names = unseen.get(metadata.get("namespace", ""))
+            if names:
+                names.discard(metadata.get("name", ""))
         self._upsert(obj)
 
-    def _remove_unlisted(self, namespace: str | None, listed: Listed) -> None:
+    def _remove_unseen(self, unseen: Unseen) -> None:
         """Synthesise deletes for objects that vanished while we were not watching."""
-        scope = [namespace] if namespace is not None else list(self._store)
-        for ns in scope:
-            seen = listed.get(ns, set())
-            for name in [n for n in self._store.get(ns, {}) if n not in seen]:
-                self._remove(ns, name)
+        for namespace, names in unseen.items():
+            for name in names:
+                self._remove(namespace, name)
 
     def _notify(self, old: T | None, new: T | None) -> None:
         for subscriber in self._subscribers:

@@ -129,6 +129,23 @@ async def test_lists_in_pages_then_follows_changes(
         await stop(task)
 
 
+async def test_a_paged_relist_deletes_only_what_no_page_held(
+    admin_api: Api, namespace: str, informer: tuple[Informer[Any], Recorder], monkeypatch: Any
+) -> None:
+    """A second list, in pages of two, after one object was deleted behind the informer's back:
+    that one is notified deleted once the last page is in, and the objects of later pages stay."""
+    watched, recorder = informer
+    monkeypatch.setattr(reloader.watch, "PAGE_SIZE", 2)
+    for i in range(5):
+        await create(admin_api, namespace, f"cm-{i}", {"v": str(i)})
+    await watched._list(namespace)
+    assert len(watched) == 5
+    await admin_api.delete(CONFIGMAPS.object_path(namespace, "cm-1"))
+    await watched._list(namespace)
+    assert recorder.deleted() == {"cm-1"}
+    assert sorted(watched.in_namespace(namespace)) == ["cm-0", "cm-2", "cm-3", "cm-4"]
+
+
 async def test_label_only_change_is_not_notified(
     admin_api: Api, namespace: str, informer: tuple[Informer[Any], Recorder]
 ) -> None:
