@@ -8,9 +8,10 @@ before its first character, about 70 with the allocator's rounding), a bytes obj
 else was allocated at the time, which the allocator cannot give back while one of them lives.
 
 Here a namespace's entries are records in one ``bytearray`` (a state byte, then the name and the
-value in ``framing``'s short framing) and an open-addressing table of record offsets (4 bytes a
-slot, kept at most two thirds full): the same entry costs its name, its value, three bytes and
-6 to 12 bytes of table, and the whole namespace is two buffers.
+value in ``framing``'s short framing) and an open-addressing table of record offsets (2, 4 or 8
+bytes a slot, kept at most two thirds full): the same entry costs its name, its value, three bytes
+and 3 to 6 bytes of table (2-byte slots while the buffer is under 64 KiB), and the whole
+namespace is two buffers.
 
 - Lookups hash the name's UTF-8 bytes and probe linearly; a name is compared only when its length
   matches. Every operation is O(1) on average, O(name) in hashing.
@@ -37,13 +38,20 @@ _OFFSET_BASE = 2
 _LIVE, _DEAD = 0, 1
 """A record's first byte."""
 _MIN_SLOTS = 8
-_NARROW, _WIDE = "I", "Q"
-"""Slot arrays hold 4-byte offsets until the buffer outgrows them (never, for any namespace a
-cluster can hold; the wide form keeps it correct anyway)."""
+_SLOT_TYPES = ("H", "I", "Q")
+"""Slot widths, narrowest first: a table's slots are as wide as its buffer's largest offset needs.
+Most namespaces' buffers are a few KiB, so 2-byte slots (the slots were a quarter of what the
+config stores and the index kept at 20,000 configs); 4 bytes past 64 KiB, 8 past 4 GiB."""
 
 
-def _empty_slots(count: int = _MIN_SLOTS, *, wide: bool = False) -> array[int]:
-    return array(_WIDE, bytes(8 * count)) if wide else array(_NARROW, bytes(4 * count))
+def _slot_type(largest: int) -> str:
+    """The narrowest slot type that holds ``largest``."""
+    return next(code for code in _SLOT_TYPES if largest < 1 << (8 * array(code).itemsize))
+
+
+def _empty_slots(count: int = _MIN_SLOTS, *, largest: int = 0) -> array[int]:
+    code = _slot_type(largest)
+    return array(code, bytes(array(code).itemsize * count))
 
 
 def _live_records(data: bytearray) -> Iterator[tuple[int, int]]:
@@ -188,8 +196,8 @@ class PackedTable(MutableMapping[str, bytes]):
 
     def _set_slot(self, slot: int, offset: int) -> None:
         held = offset + _OFFSET_BASE
-        if held > 0xFFFFFFFF and self._slots.typecode == _NARROW:
-            self._slots = array(_WIDE, self._slots)
+        if held >= 1 << (8 * self._slots.itemsize):
+            self._slots = array(_slot_type(held), self._slots)
         self._slots[slot] = held
 
     def _kill(self, offset: int) -> None:
@@ -215,9 +223,8 @@ class PackedTable(MutableMapping[str, bytes]):
         old = self._data
         records = list(_live_records(old))
         self._data = bytearray(b"".join(old[offset:end] for offset, end in records))
-        wide = len(self._data) + _OFFSET_BASE > 0xFFFFFFFF
         count = _slot_count(len(records))
-        slots = self._slots = _empty_slots(count, wide=wide)
+        slots = self._slots = _empty_slots(count, largest=len(self._data) + _OFFSET_BASE)
         self._dead_bytes = 0
         mask, at = count - 1, 0
         for offset, end in records:

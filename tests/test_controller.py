@@ -9,7 +9,9 @@ controller wrote is read from the apiserver's audit log, not from the controller
 
 from __future__ import annotations
 
+import asyncio
 import gc
+import sys
 import time
 from typing import Any
 
@@ -86,6 +88,33 @@ async def test_the_synced_cache_is_kept_out_of_full_collections_until_stop(
     await scene.stop_controllers()
 
     assert gc.get_freeze_count() == 0
+
+
+async def test_the_work_tables_are_shrunk_once_the_first_pass_is_through(
+    scene: Cluster,
+) -> None:
+    """1. 100 opted-in Deployments exist when the controller starts: at the sync every one is
+    queued for its first look.
+    Result: once every one is recorded, the queue's dedup set is sized for what it holds
+    (nothing), not for the 100 of its fullest moment."""
+    await scene.create_configmap("cfg", {"a": "1"})
+    containers = [container(**env_from("ConfigMap", "cfg"))]
+    await asyncio.gather(
+        *(
+            scene.create_workload(deployment(f"w{n}", annotations=AUTO, containers=containers))
+            for n in range(100)
+        )
+    )
+    controller = await scene.start_controller()
+    dirty = controller.queue._dirty
+    assert sys.getsizeof(dirty) > 2000, "the first pass was not queued at the sync"
+    for n in range(100):
+        await scene.wait_recorded(f"w{n}")
+
+    async def shrunk() -> bool:
+        return sys.getsizeof(dirty) < 1000
+
+    await wait_for(shrunk, timeout=30, message="the queue's set shrinks after the first pass")
 
 
 async def test_label_only_update_does_not_restart(scene: Cluster) -> None:

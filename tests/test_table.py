@@ -66,6 +66,25 @@ def test_compact_keeps_only_live_records_in_a_buffer_of_their_size() -> None:
     assert all(table[f"cm-{n}"] == b"d" * 16 for n in range(1, 100, 2))
 
 
+def test_slots_are_as_wide_as_the_buffer_needs() -> None:
+    """2-byte slots while every offset is under 64 KiB, 4-byte ones once the buffer grows past,
+    2-byte again once compacted below: the table reads the same throughout."""
+    values = {f"cm-{n}": bytes([n % 256]) * 300 for n in range(300)}
+    table = PackedTable()
+    for name, value in list(values.items())[:100]:
+        table[name] = value
+    assert table._slots.itemsize == 2
+    for name, value in list(values.items())[100:]:
+        table[name] = value
+    assert len(table._data) > 1 << 16 and table._slots.itemsize == 4
+    assert dict(table) == values
+    for n in range(100, 300):
+        del table[f"cm-{n}"], values[f"cm-{n}"]
+    table.compact()
+    assert table._slots.itemsize == 2
+    assert dict(table) == values and all(table[name] == value for name, value in values.items())
+
+
 def test_emptied_table_gives_its_buffers_back() -> None:
     table = PackedTable((f"cm-{n}", b"v") for n in range(1000))
     for n in range(1000):
