@@ -36,6 +36,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, cast
+from urllib.parse import urlencode
 
 import aiohttp
 import orjson
@@ -310,6 +311,42 @@ def _client_without_environment_lookups(configuration: Configuration) -> ApiClie
     return client
 
 
+async def _authorization(configuration: Configuration) -> dict[str, str]:
+    """The ``authorization`` header for the next request, asked of the configuration each time:
+    its refresh hook renews an expiring token (exec plugins, OIDC, a projected ServiceAccount
+    token) before it answers. Client certificates are in the connector's TLS context instead."""
+    bearer = (await configuration.auth_settings()).get("BearerToken")
+    return {"authorization": str(bearer["value"])} if bearer and bearer.get("value") else {}
+
+
+async def _session_request(
+    api_client: ApiClient,
+    method: str,
+    url: str,
+    *,
+    headers: Mapping[str, str],
+    data: bytes | None,
+    client_timeout: aiohttp.ClientTimeout,
+) -> aiohttp.ClientResponse:
+    """One request on the client's session, with its proxy and TLS server name.
+
+    kubernetes_asyncio's ``call_api`` is skipped: it walks every body through
+    ``sanitize_for_serialization``, serialises it again with the standard library's json, and
+    lets its default ``User-Agent`` replace ours. The request is the same otherwise."""
+    rest = api_client.rest_client
+    options: dict[str, Any] = {}
+    if rest.proxy:
+        options["proxy"] = rest.proxy
+    if rest.proxy_headers:
+        options["proxy_headers"] = rest.proxy_headers
+    if rest.server_hostname:
+        options["server_hostname"] = rest.server_hostname
+    session: aiohttp.ClientSession = rest.pool_manager
+    return await session.request(
+        method, url, headers=headers, data=data, timeout=client_timeout, **options
+    )
+
+
 class Api:
     """A thin, shared client: raw JSON in and out, errors classified.
 
@@ -350,26 +387,30 @@ class Api:
         client_timeout: aiohttp.ClientTimeout | None = None,
         watch: bool = False,
     ) -> aiohttp.ClientResponse:
-        # Bodies are Python objects: the client serialises them (writes are rare; reads use orjson).
-        headers = {"Accept": "application/json", "Content-Type": content_type}
-        headers["User-Agent"] = USER_AGENT
+        api_client = self._watch_client if watch else self._client
+        headers = {"Accept": "application/json", "User-Agent": USER_AGENT}
+        headers.update(await _authorization(api_client.configuration))
+        data = None
+        if body is not None:
+            headers["Content-Type"] = content_type
+            data = orjson.dumps(body)
+        url = str(api_client.configuration.host) + path
+        if params:
+            url += "?" + urlencode(params)
         try:
-            api_client = self._watch_client if watch else self._client
-            response = await api_client.call_api(
-                path,
+            response = await _session_request(
+                api_client,
                 method,
-                query_params=list(params),
-                header_params=headers,
-                body=body,
-                auth_settings=["BearerToken"],
-                _preload_content=False,
-                _request_timeout=client_timeout or aiohttp.ClientTimeout(total=60),
+                url,
+                headers=headers,
+                data=data,
+                client_timeout=client_timeout or aiohttp.ClientTimeout(total=60),
             )
         except (TimeoutError, aiohttp.ClientError, OSError) as error:
             self._requests[(method, "<error>")] += 1
             raise ApiUnavailable(0, type(error).__name__, str(error) or repr(error)) from error
         self._requests[(method, str(response.status))] += 1
-        return cast(aiohttp.ClientResponse, response)
+        return response
 
     async def _json(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
         payload = await self._body(method, path, **kwargs)

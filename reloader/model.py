@@ -245,6 +245,18 @@ def pod_template(obj: RawObject, kind: WorkloadKind) -> dict[str, Any]:
 
 # --- annotations this controller writes -------------------------------------------------------
 
+UNREAD_ANNOTATIONS = frozenset(
+    {
+        "deployment.kubernetes.io/revision",
+        "kubectl.kubernetes.io/last-applied-configuration",
+    }
+)
+"""Workload annotations Kubernetes itself writes that no snapshot is made of, left out of the
+fingerprint. The Deployment controller raises the revision after every rollout, in an update of
+its own: each restart was read whole twice (our patch, then that update). kubectl's copy of the
+applied manifest can be kilobytes, hashed again on every status update otherwise. The settings
+refuse these as new names for our own annotations (``--auto-annotation`` and the rest)."""
+
 RECORD_ANNOTATION = "reloader.stakater.com/config-digests"
 """Workload metadata: the digests its running pods were started with (``digests.Recorded``)."""
 

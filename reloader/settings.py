@@ -21,7 +21,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from reloader.annotations import DEFAULT_NAMES, AnnotationNames
-from reloader.model import KINDS, WorkloadKind
+from reloader.model import KINDS, UNREAD_ANNOTATIONS, WorkloadKind
 
 CommaList = Annotated[list[str], NoDecode]
 WORKLOAD_TYPE_NAMES = tuple(sorted(kind.setting_name for kind in KINDS.values()))
@@ -358,6 +358,26 @@ class Settings(BaseSettings):
             value = [value]
         if isinstance(value, list) and all(isinstance(item, str) for item in value):
             return [part for item in value for part in _split_outside_parentheses(item)]
+        return value
+
+    @field_validator(
+        "auto_annotation",
+        "configmap_auto_annotation",
+        "secret_auto_annotation",
+        "configmap_annotation",
+        "secret_annotation",
+        "auto_search_annotation",
+        "search_match_annotation",
+        "ignore_annotation",
+        "pause_deployment_annotation",
+        "pause_deployment_time_annotation",
+    )
+    @classmethod
+    def _not_a_kubernetes_annotation(cls, value: str) -> str:
+        """Changes to these are not looked at (``UNREAD_ANNOTATIONS``): one of ours renamed to
+        one of them would be read once and then never again."""
+        if value in UNREAD_ANNOTATIONS:
+            raise ValueError(f"{value} is written by Kubernetes itself; choose another name")
         return value
 
     @field_validator("namespaces", "namespaces_to_ignore")

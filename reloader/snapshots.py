@@ -42,6 +42,7 @@ from reloader.digests import (
 from reloader.model import (
     LAST_RELOADED_FROM,
     RECORD_ANNOTATION,
+    UNREAD_ANNOTATIONS,
     ConfigKey,
     ConfigKind,
     ConfigRef,
@@ -361,15 +362,17 @@ def workload_snapshot(
 def workload_fingerprint(obj: RawObject) -> bytes:
     """16 bytes that change whenever anything a snapshot is made of may have: the object's
     ``generation`` (the server raises it on every change to ``spec``, the pod template included)
-    and its annotations. Empty when the object has no generation: then nothing is assumed."""
+    and its annotations but ``UNREAD_ANNOTATIONS``. Empty when the object has no generation: then
+    nothing is assumed."""
     metadata = obj.get("metadata", {})
     generation = metadata.get("generation")
     if not isinstance(generation, int) or isinstance(generation, bool):
         return b""
+    annotations = metadata.get("annotations") or {}
+    if isinstance(annotations, dict) and not UNREAD_ANNOTATIONS.isdisjoint(annotations):
+        annotations = {k: v for k, v in annotations.items() if k not in UNREAD_ANNOTATIONS}
     try:
-        source = orjson.dumps(
-            [generation, metadata.get("annotations") or {}], option=orjson.OPT_SORT_KEYS
-        )
+        source = orjson.dumps([generation, annotations], option=orjson.OPT_SORT_KEYS)
     except orjson.JSONEncodeError:  # a generation past 64 bits
         return b""
     return hashlib.blake2b(source, digest_size=16).digest()

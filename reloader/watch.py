@@ -268,7 +268,7 @@ class Informer(Generic[T]):
 
     def _read(self, namespace: str, name: str, stored: object | None) -> T | None:
         if stored is None or self._packing is None:
-            return cast(T | None, stored)
+            return cast("T | None", stored)
         return self._packing.unpack(namespace, name, cast(bytes, stored))
 
     def __len__(self) -> int:

@@ -1,11 +1,13 @@
-"""The API client turns bodies that are not JSON objects into a retryable error, not a crash, and
-goes through the proxy the environment names (resolved once, not per request)."""
+"""The API client turns bodies that are not JSON objects into a retryable error, not a crash, goes
+through the proxy the environment names (resolved once, not per request), and sends its requests
+as the API server's audit log shows them."""
 
 from __future__ import annotations
 
 import asyncio
 import gc
 from asyncio import sslproto
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from kubernetes_asyncio.client.configuration import Configuration
@@ -13,13 +15,16 @@ from kubernetes_asyncio.client.configuration import Configuration
 from reloader.kube import (
     MAX_RETRY_AFTER,
     TLS_READ_BUFFER,
+    USER_AGENT,
     Api,
     ApiUnavailable,
     _decode_object,
     classify,
+    connect_with_dict,
     wait_before_retry,
 )
 from reloader.model import CONFIGMAPS, RawWatchEvent
+from tests.conftest import TestCluster
 from tests.controlplane.envtest import free_port
 
 
@@ -190,3 +195,34 @@ async def test_a_tls_connection_holds_a_small_read_buffer_and_large_objects_arri
     assert event["object"]["data"]["v"] == second
     assert buffers, "no TLS connection seen"
     assert max(buffers) <= TLS_READ_BUFFER, buffers
+
+
+async def test_requests_name_the_controller_and_carry_their_bodies_and_parameters(
+    cluster: TestCluster, namespace: str
+) -> None:
+    """Each request as the API server saw it (its audit log): the controller's own User-Agent,
+    not the generated client's default, which replaced it before; the query parameters; bodies
+    of every patch type, and a label selector that needs escaping."""
+    if cluster.plane is None:
+        pytest.skip("reads the audit log of the local control plane")
+    user = f"kube-test-{namespace}"
+    api = await connect_with_dict(cluster.plane.audited_kubeconfig(user))
+    try:
+        path = CONFIGMAPS.collection_path(namespace)
+        created = await api.create(path, {"metadata": {"name": "cfg"}, "data": {"k": "é ü"}})
+        assert created["data"] == {"k": "é ü"}
+        item = CONFIGMAPS.object_path(namespace, "cfg")
+        await api.patch(item, {"data": {"a": "1"}}, patch_type="merge")
+        await api.patch(item, {"metadata": {"labels": {"x": "a"}}}, patch_type="strategic")
+        await api.patch(item, [{"op": "add", "path": "/data/b", "value": "2"}], patch_type="json")
+        found = await api.list_page(path, params=[("labelSelector", "x in (a,b)")])
+    finally:
+        await api.close()
+
+    assert [o["data"] for o in found["items"]] == [{"k": "é ü", "a": "1", "b": "2"}]
+    events = [e for e in cluster.plane.audit_events(user) if e["stage"] == "ResponseComplete"]
+    assert [e["verb"] for e in events] == ["create", "patch", "patch", "patch", "list"]
+    assert {e["userAgent"] for e in events} == {USER_AGENT}
+    queries = [parse_qs(urlsplit(e["requestURI"]).query) for e in events]
+    assert queries[-1] == {"labelSelector": ["x in (a,b)"]}
+    assert all(q == {"fieldManager": ["reloader"]} for q in queries[:4])

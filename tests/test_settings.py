@@ -66,6 +66,11 @@ def test_stakater_single_namespace_variable(monkeypatch: pytest.MonkeyPatch) -> 
         pytest.param(["--namespace-selector", "a:b:c=d"], "not a label selector", id="selector"),
         pytest.param(["--reload-strategy", "restart"], "reload_strategy", id="bad-strategy"),
         pytest.param(["--hash-key", "short"], "hash_key", id="short-hash-key"),
+        pytest.param(
+            ["--auto-annotation", "deployment.kubernetes.io/revision"],
+            "written by Kubernetes itself",
+            id="renamed-to-a-kubernetes-annotation",
+        ),
     ],
 )
 def test_invalid_settings_raise_one_line(argv: list[str], fragment: str) -> None:

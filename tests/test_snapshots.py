@@ -11,7 +11,7 @@ import pytest
 
 from reloader.annotations import AnnotationNames
 from reloader.digests import DigestKey, Recorded, digest_items, encode_record
-from reloader.model import KINDS, RECORD_ANNOTATION, ConfigRef, RawObject
+from reloader.model import KINDS, RECORD_ANNOTATION, UNREAD_ANNOTATIONS, ConfigRef, RawObject
 from reloader.snapshots import (
     SnapshotContext,
     bind_record,
@@ -244,6 +244,20 @@ def test_a_status_update_refreshes_the_snapshot_without_reading_it_again() -> No
     assert refreshed is not None and refreshed.resource_version == "101"
     assert refreshed == old == workload_snapshot(KINDS["Deployment"], update, context=CONTEXT)  # type: ignore[arg-type]
     assert refreshed_workload(old, served(auto)) is old  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("written", sorted(UNREAD_ANNOTATIONS))
+def test_annotations_kubernetes_writes_and_no_snapshot_reads_refresh_it(written: str) -> None:
+    """The Deployment controller's revision after a rollout, kubectl's applied manifest: the
+    snapshot is refreshed, and equal to the one a whole read makes."""
+    auto = {"reloader.stakater.com/auto": "true"}
+    old = workload_snapshot(KINDS["Deployment"], served(auto), context=CONTEXT)  # type: ignore[arg-type]
+    update = served({**auto, written: "2"}, resourceVersion="101")
+    refreshed = refreshed_workload(old, update)  # type: ignore[arg-type]
+    assert refreshed is not None and refreshed.resource_version == "101"
+    assert refreshed == workload_snapshot(KINDS["Deployment"], update, context=CONTEXT)  # type: ignore[arg-type]
+    changed = served({**auto, written: "2", "reloader.stakater.com/search": "true"})
+    assert refreshed_workload(refreshed, changed) is None, "other annotations still count"  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
