@@ -47,13 +47,17 @@ start-up permission check sends about 30 SelfSubjectAccessReviews): not writes."
 
 @dataclass(frozen=True)
 class Request:
-    """One audited request: verb, resource, HTTP code, received at (epoch seconds), user agent."""
+    """One audited request: verb, resource, HTTP code, received at (epoch seconds), user agent;
+    when its answer was complete, and the object it named (``phases``)."""
 
     verb: str
     resource: str
     code: int
     at: float
     user_agent: str
+    done: float = 0.0
+    namespace: str = ""
+    name: str = ""
 
 
 def parse_event(line: str) -> tuple[str, str, Request] | None:
@@ -61,12 +65,17 @@ def parse_event(line: str) -> tuple[str, str, Request] | None:
     try:
         event: dict[str, Any] = json.loads(line)
         received = datetime.fromisoformat(event["requestReceivedTimestamp"]).timestamp()
+        stage = event.get("stageTimestamp")
+        ref = event.get("objectRef") or {}
         request = Request(
             verb=str(event.get("verb", "")),
-            resource=str((event.get("objectRef") or {}).get("resource", "")),
+            resource=str(ref.get("resource", "")),
             code=int((event.get("responseStatus") or {}).get("code", 0)),
             at=received,
             user_agent=str(event.get("userAgent", "")),
+            done=datetime.fromisoformat(stage).timestamp() if stage else received,
+            namespace=str(ref.get("namespace", "")),
+            name=str(ref.get("name", "")),
         )
         return str(event["user"]["username"]), str(event["auditID"]), request
     except (ValueError, KeyError, TypeError):
@@ -94,7 +103,10 @@ class AuditLog:
             parsed = parse_event(line)
             if parsed is not None:
                 user, audit_id, request = parsed
-                self._by_user.setdefault(user, {}).setdefault(audit_id, request)
+                seen = self._by_user.setdefault(user, {})
+                earlier = seen.get(audit_id)
+                if earlier is None or request.done > earlier.done:
+                    seen[audit_id] = request  # a watch's ResponseComplete follows its start
 
     def requests(self, user: str) -> list[Request]:
         self.refresh()

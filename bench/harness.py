@@ -28,6 +28,7 @@ from bench.apicost import AuditLog, by_verb, failures, writes
 from bench.cluster import BenchPlane
 from bench.controller import Contender, Launch, RunningController, Sample
 from bench.observe import Observer, WriteLog, latencies, observing
+from bench.phases import phases
 from reloader.kube import Api
 from reloader.model import (
     CONFIG_RESOURCES,
@@ -94,6 +95,11 @@ class RunResult:
     cpu_wait_seconds: float = 0.0
     """Seconds the controller's threads were ready to run with no CPU free (``controller.
     run_queue_seconds``, at the last sample; threads that ended before it are not counted)."""
+    reaction: list[float] = field(default_factory=list)
+    """Per timed rollout: config write → the controller's write received by the server
+    (``phases``)."""
+    server: list[float] = field(default_factory=list)
+    """Per timed rollout: the API server's time on that write (received → answered)."""
 
     @property
     def exact(self) -> bool:
@@ -367,6 +373,10 @@ def _collect(
     samples = lifecycle.samples()
     first = samples[0].at if samples else 0.0
     deps = {key: plan.uses for key, plan in context.planned.items()}
+    wall_offset = time.time() - time.monotonic()
+    split = phases(
+        context.observer.rollouts, deps, context.writes, requests, wall_offset=wall_offset
+    )
     return RunResult(
         scenario=scenario.id,
         contender=lifecycle.contender.name,
@@ -387,4 +397,6 @@ def _collect(
         rss_series=[(round(s.at - first, 2), s.rss) for s in samples],
         notes={**context.notes, **_restarts(lifecycle)},
         log=str(lifecycle.log_path),
+        reaction=split.reaction,
+        server=split.server,
     )

@@ -35,6 +35,13 @@ def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value * 1000:.0f}"
 
 
+def _p50_p99(values: Sequence[float]) -> str:
+    """Two percentiles in one cell (``phases``: reaction, server); "-" with nothing matched."""
+    if not values:
+        return "-"
+    return f"{_ms(percentile(values, 50))}/{_ms(percentile(values, 99))}"
+
+
 def _mib(value: float) -> str:
     return f"{value / MIB:.1f}"
 
@@ -92,6 +99,8 @@ SCENARIO_HEADER = (
     "p50 ms",
     "p95 ms",
     "p99 ms",
+    "reaction ms p50/p99",
+    "server ms p50/p99",
     "requests",
     "by verb",
     "peak MiB",
@@ -116,6 +125,8 @@ def scenario_rows(results: Sequence[RunResult], ours: str, vs: str | None) -> li
                 _ms(percentile(lat, 50)),
                 _ms(percentile(lat, 95)),
                 _ms(percentile(lat, 99)),
+                _p50_p99(result.reaction),
+                _p50_p99(result.server),
                 str(result.total_requests),
                 verbs(result.requests),
                 _mib(result.peak_rss),
@@ -141,6 +152,8 @@ def _ratio_row(ours: RunResult, theirs: RunResult, vs: str) -> list[str]:
         "",
         "",
         _ratio(p[0], p[1]),
+        "",
+        "",
         _ratio(theirs.total_requests, ours.total_requests),
         "",
         _ratio(theirs.peak_rss, ours.peak_rss),

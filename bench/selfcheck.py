@@ -17,7 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from bench import cluster, floor, report, scale
-from bench.apicost import by_verb, failures, parse_event, writes
+from bench.apicost import Request, by_verb, failures, parse_event, writes
 from bench.controller import (
     OURS,
     Contender,
@@ -28,6 +28,7 @@ from bench.controller import (
 )
 from bench.harness import RunResult
 from bench.observe import WriteLog, cronjob_owner, latencies, percentile, template_signature
+from bench.phases import phases
 from bench.scenarios import QUICK_SIZES, SIZES, scenarios
 from reloader.model import ConfigKey, WorkloadKey
 
@@ -64,17 +65,21 @@ def check_signature_sees_template_changes_only() -> None:
     assert cronjob_owner(owned) == "job"
 
 
-def check_audit_event_parsing_and_counting() -> None:
-    event = {
+_AUDITED = json.dumps(
+    {
         "auditID": "1",
         "verb": "patch",
         "user": {"username": "bench-x"},
-        "objectRef": {"resource": "deployments"},
+        "objectRef": {"resource": "deployments", "namespace": "ns", "name": "app"},
         "responseStatus": {"code": 409},
         "requestReceivedTimestamp": "2026-01-01T00:00:00.500000Z",
         "userAgent": "reloader/0.1",
     }
-    parsed = parse_event(json.dumps(event))
+)
+
+
+def check_audit_event_parsing_and_counting() -> None:
+    parsed = parse_event(_AUDITED)
     assert parsed is not None
     user, audit_id, request = parsed
     assert (user, audit_id, request.verb, request.code) == ("bench-x", "1", "patch", 409)
@@ -85,6 +90,35 @@ def check_audit_event_parsing_and_counting() -> None:
     review = replace(request, verb="create", resource="selfsubjectaccessreviews")
     assert writes([request, review]) == 1, "a review stores nothing: not a write"
     assert by_verb([review]) == {"review": 1}
+
+
+def check_phases_split_at_the_write_that_made_the_rollout() -> None:
+    """Rollout seen at 10.0 after a config write at 9.0 (monotonic; epoch = monotonic + 100). The
+    controller's writes to the workload: one before the config write, a 409, the one that made it
+    (received 109.3, answered 109.5), one answered after the rollout was seen. A CronJob's rollout
+    has no write of its own and no phases."""
+    cm = ConfigKey("ConfigMap", "ns", "a")
+    app, cron = WorkloadKey("Deployment", "ns", "app"), WorkloadKey("CronJob", "ns", "job")
+    log = WriteLog()
+    log.entries[cm] += [(9.0, True)]
+    patch = Request("patch", "deployments", 200, 0.0, "", 0.0, "ns", "app")
+    audited = [
+        replace(patch, at=108.0, done=108.1),
+        replace(patch, at=109.1, done=109.2, code=409),
+        replace(patch, at=109.3, done=109.5),
+        replace(patch, at=109.9, done=110.2),
+        replace(patch, at=109.4, done=109.6, name="other"),
+        replace(patch, verb="create", resource="events", at=109.6, done=109.7),
+    ]
+    split = phases(
+        {app: [10.0], cron: [10.0]}, {app: {cm}, cron: {cm}}, log, audited, wall_offset=100.0
+    )
+    assert [round(v, 3) for v in split.reaction] == [0.3], split
+    assert [round(v, 3) for v in split.server] == [0.2], split
+    complete = {**json.loads(_AUDITED), "stageTimestamp": "2026-01-01T00:00:00.750000Z"}
+    parsed = parse_event(json.dumps(complete))
+    assert parsed is not None
+    assert round(parsed[2].done - parsed[2].at, 3) == 0.25, parsed
 
 
 def check_floor_finds_every_reference_shape() -> None:
@@ -211,6 +245,7 @@ CHECKS: list[Callable[[], None]] = [
     check_latency_uses_latest_timed_write_before_rollout,
     check_signature_sees_template_changes_only,
     check_audit_event_parsing_and_counting,
+    check_phases_split_at_the_write_that_made_the_rollout,
     check_floor_finds_every_reference_shape,
     check_commands_render,
     check_scale_objects_keep_configs_beside_their_deployment,
