@@ -243,7 +243,7 @@ def pod_template(obj: RawObject, kind: WorkloadKind) -> dict[str, Any]:
     return node if isinstance(node, dict) else {}
 
 
-# --- annotations this controller writes -------------------------------------------------------
+# --- annotations Kubernetes writes -------------------------------------------------------------
 
 UNREAD_ANNOTATIONS = frozenset(
     {
@@ -256,6 +256,8 @@ fingerprint. The Deployment controller raises the revision after every rollout, 
 its own: each restart was read whole twice (our patch, then that update). kubectl's copy of the
 applied manifest can be kilobytes, hashed again on every status update otherwise. The settings
 refuse these as new names for our own annotations (``--auto-annotation`` and the rest)."""
+
+# --- annotations this controller writes -------------------------------------------------------
 
 RECORD_ANNOTATION = "reloader.stakater.com/config-digests"
 """Workload metadata: the digests its running pods were started with (``digests.Recorded``)."""
