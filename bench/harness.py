@@ -27,7 +27,7 @@ from bench import cluster
 from bench.apicost import AuditLog, by_verb, failures, writes
 from bench.cluster import BenchPlane
 from bench.controller import Contender, Launch, RunningController, Sample
-from bench.observe import Observer, WriteLog, latencies, observing
+from bench.observe import Observer, WriteLog, latencies, observing, timed_rollouts
 from bench.phases import phases
 from reloader.kube import Api
 from reloader.model import (
@@ -373,17 +373,15 @@ def _collect(
     samples = lifecycle.samples()
     first = samples[0].at if samples else 0.0
     deps = {key: plan.uses for key, plan in context.planned.items()}
-    wall_offset = time.time() - time.monotonic()
-    split = phases(
-        context.observer.rollouts, deps, context.writes, requests, wall_offset=wall_offset
-    )
+    timed = timed_rollouts(context.observer.rollouts, deps, context.writes)
+    split = phases(timed, requests, wall_offset=time.time() - time.monotonic())
     return RunResult(
         scenario=scenario.id,
         contender=lifecycle.contender.name,
         expected=sum(context.expected(k) for k in context.planned),
         actual=context.observer.total(),
         mismatched=_mismatches(context),
-        latencies=latencies(context.observer.rollouts, deps, context.writes),
+        latencies=latencies(timed),
         requests=by_verb(requests),
         run_requests=by_verb(r for r in requests if r.at >= context.settled_wall),
         failed_requests=failures(requests),

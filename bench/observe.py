@@ -49,19 +49,25 @@ class WriteLog:
         return max(found) if found else None
 
 
-def latencies(
+def timed_rollouts(
     rollouts: Mapping[WorkloadKey, list[float]],
     deps: Mapping[WorkloadKey, Set[ConfigKey]],
     writes: WriteLog,
-) -> list[float]:
-    """Seconds from the triggering write to each rollout (unattributed, untimed ones left out)."""
+) -> list[tuple[WorkloadKey, float, float]]:
+    """(workload, triggering write, rollout seen) of each rollout whose latest earlier write to a
+    config it uses was timed; unattributed and untimed ones are left out."""
     found = []
     for key, times in rollouts.items():
         for at in times:
             write = writes.latest_before(deps.get(key, frozenset()), at)
             if write is not None and write[1]:
-                found.append(at - write[0])
-    return sorted(found)
+                found.append((key, write[0], at))
+    return found
+
+
+def latencies(timed: Sequence[tuple[WorkloadKey, float, float]]) -> list[float]:
+    """Seconds from the triggering write to each rollout of ``timed_rollouts``, sorted."""
+    return sorted(seen - written for _, written, seen in timed)
 
 
 def percentile(values: Sequence[float], pct: float) -> float | None:

@@ -21,12 +21,11 @@ monotonic, read once per run in the bench process on the same machine) joins the
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence, Set
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from bench.apicost import Request
-from bench.observe import WriteLog
-from reloader.model import KINDS, ConfigKey, WorkloadKey
+from reloader.model import KINDS, WorkloadKey
 
 WORKLOAD_WRITES = frozenset({"patch", "update"})
 
@@ -57,28 +56,21 @@ def _causing(candidates: Sequence[Request], after: float, seen: float) -> Reques
 
 
 def phases(
-    rollouts: Mapping[WorkloadKey, list[float]],
-    deps: Mapping[WorkloadKey, Set[ConfigKey]],
-    writes: WriteLog,
+    timed: Sequence[tuple[WorkloadKey, float, float]],
     requests: Sequence[Request],
     *,
     wall_offset: float,
 ) -> Phases:
-    """Reaction and server time of each timed rollout (``latencies``' rollouts) whose write the
-    audit log holds."""
+    """Reaction and server time of each timed rollout (``observe.timed_rollouts``) whose write
+    the audit log holds."""
     by_workload = _writes_by_workload(requests)
     result = Phases()
-    for key, times in rollouts.items():
-        plural = KINDS[key.kind].resource.plural if key.kind in KINDS else ""
-        candidates = by_workload.get((plural, key.namespace, key.name), [])
-        for at in times:
-            write = writes.latest_before(deps.get(key, frozenset()), at)
-            if write is None or not write[1]:
-                continue
-            cause = _causing(candidates, write[0] + wall_offset, at + wall_offset)
-            if cause is not None:
-                result.reaction.append(cause.at - (write[0] + wall_offset))
-                result.server.append(cause.done - cause.at)
+    for key, written, seen in timed:
+        candidates = by_workload.get((KINDS[key.kind].resource.plural, key.namespace, key.name), [])
+        cause = _causing(candidates, written + wall_offset, seen + wall_offset)
+        if cause is not None:
+            result.reaction.append(cause.at - (written + wall_offset))
+            result.server.append(cause.done - cause.at)
     result.reaction.sort()
     result.server.sort()
     return result

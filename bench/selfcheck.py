@@ -27,7 +27,14 @@ from bench.controller import (
     run_queue_seconds,
 )
 from bench.harness import RunResult
-from bench.observe import WriteLog, cronjob_owner, latencies, percentile, template_signature
+from bench.observe import (
+    WriteLog,
+    cronjob_owner,
+    latencies,
+    percentile,
+    template_signature,
+    timed_rollouts,
+)
 from bench.phases import phases
 from bench.scenarios import QUICK_SIZES, SIZES, scenarios
 from reloader.model import ConfigKey, WorkloadKey
@@ -49,7 +56,7 @@ def check_latency_uses_latest_timed_write_before_rollout() -> None:
     log.entries[other] += [(4.0, False)]
     rollouts = {app: [3.0, 5.0], WorkloadKey("Deployment", "ns", "stray"): [3.0]}
     # 3.0 follows the write at 2.0; 5.0 follows the untimed 4.0 (downtime): left out.
-    assert latencies(rollouts, {app: {cm, other}}, log) == [1.0]
+    assert latencies(timed_rollouts(rollouts, {app: {cm, other}}, log)) == [1.0]
 
 
 def check_signature_sees_template_changes_only() -> None:
@@ -110,9 +117,8 @@ def check_phases_split_at_the_write_that_made_the_rollout() -> None:
         replace(patch, at=109.4, done=109.6, name="other"),
         replace(patch, verb="create", resource="events", at=109.6, done=109.7),
     ]
-    split = phases(
-        {app: [10.0], cron: [10.0]}, {app: {cm}, cron: {cm}}, log, audited, wall_offset=100.0
-    )
+    timed = timed_rollouts({app: [10.0], cron: [10.0]}, {app: {cm}, cron: {cm}}, log)
+    split = phases(timed, audited, wall_offset=100.0)
     assert [round(v, 3) for v in split.reaction] == [0.3], split
     assert [round(v, 3) for v in split.server] == [0.2], split
     complete = {**json.loads(_AUDITED), "stageTimestamp": "2026-01-01T00:00:00.750000Z"}

@@ -10,6 +10,7 @@ to the API server: a controller that starts with a half-understood configuration
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 import socket
@@ -360,26 +361,6 @@ class Settings(BaseSettings):
             return [part for item in value for part in _split_outside_parentheses(item)]
         return value
 
-    @field_validator(
-        "auto_annotation",
-        "configmap_auto_annotation",
-        "secret_auto_annotation",
-        "configmap_annotation",
-        "secret_annotation",
-        "auto_search_annotation",
-        "search_match_annotation",
-        "ignore_annotation",
-        "pause_deployment_annotation",
-        "pause_deployment_time_annotation",
-    )
-    @classmethod
-    def _not_a_kubernetes_annotation(cls, value: str) -> str:
-        """Changes to these are not looked at (``UNREAD_ANNOTATIONS``): one of ours renamed to
-        one of them would be read once and then never again."""
-        if value in UNREAD_ANNOTATIONS:
-            raise ValueError(f"{value} is written by Kubernetes itself; choose another name")
-        return value
-
     @field_validator("namespaces", "namespaces_to_ignore")
     @classmethod
     def _valid_namespace_names(cls, value: list[str]) -> list[str]:
@@ -433,6 +414,15 @@ class Settings(BaseSettings):
         single = os.environ.get("KUBERNETES_NAMESPACE", "").strip()
         if single and not self.namespaces:
             object.__setattr__(self, "namespaces", [single])
+        return self
+
+    @model_validator(mode="after")
+    def _no_annotation_named_as_one_kubernetes_writes(self) -> Settings:
+        """Changes to ``UNREAD_ANNOTATIONS`` are not looked at: one of ours renamed to one of them
+        would be read once and then never again."""
+        for name in dataclasses.astuple(self.annotation_names()):
+            if name in UNREAD_ANNOTATIONS:
+                raise ValueError(f"{name} is written by Kubernetes itself; choose another name")
         return self
 
     @model_validator(mode="after")
